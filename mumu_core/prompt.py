@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from PIL import Image
 
@@ -104,7 +105,9 @@ class InterleavedPrompt:
                     )
             dupes = sorted({i for i in order if order.count(i) > 1})
             if dupes:
-                raise PromptError(f"image(s) {dupes} appear more than once in the prompt: use each image once")
+                raise PromptError(
+                    f"image(s) {dupes} appear more than once in the prompt: use each image once"
+                )
             indices = [i - 1 for i in order]
         else:
             if len(matches) > n:
@@ -222,6 +225,19 @@ def prepare_image(
     if square == side:
         return canvas
     return canvas.resize((side, side), Image.Resampling.BICUBIC)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open a reference image fully (so a truncated file fails here, with its path)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"reference image {path} does not exist: check the path")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except Exception as e:  # PIL raises several types for corrupt files
+        raise PromptError(f"reference image {path} cannot be read ({e}): is it a valid PNG/JPEG/WebP?") from e
 
 
 def _per_image(value, n: int, name: str) -> list:

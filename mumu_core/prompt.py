@@ -167,7 +167,7 @@ class InterleavedPrompt:
 
 def check_tokens(tokens: int) -> None:
     root = math.isqrt(tokens) if isinstance(tokens, int) and tokens > 0 else 0
-    if root * root != tokens or tokens > MAX_TOKENS_PER_IMAGE:
+    if root < 1 or root * root != tokens or tokens > MAX_TOKENS_PER_IMAGE:
         raise PromptError(
             f"tokens per image must be a square number between 1 and {MAX_TOKENS_PER_IMAGE} "
             f"(e.g. 324 = 18x18 patches, 1296 = 36x36), got {tokens!r}"

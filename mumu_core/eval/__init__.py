@@ -1,0 +1,33 @@
+"""Evaluation of MUMU generations: multimodal CLIP score, DreamBench CLIP-I/CLIP-T/DINO, ArcFace
+face similarity, and reports. See docs/EVAL.md. Models are imported lazily so that manifests and
+plans work without loading any weights."""
+
+from mumu_core.eval.manifest import (
+    EvalCase,
+    Manifest,
+    ManifestError,
+    Suite,
+    load_manifest,
+    load_suite,
+    plan_suite,
+    save_manifest,
+    save_suite,
+)
+from mumu_core.eval.metrics import METRICS, CaseScores, Evaluator, ImageScores, aggregate
+
+__all__ = [
+    "METRICS",
+    "CaseScores",
+    "EvalCase",
+    "Evaluator",
+    "ImageScores",
+    "Manifest",
+    "ManifestError",
+    "Suite",
+    "aggregate",
+    "load_manifest",
+    "load_suite",
+    "plan_suite",
+    "save_manifest",
+    "save_suite",
+]

@@ -27,14 +27,6 @@ from mumu_core.eval.manifest import (
 from mumu_core.eval.metrics import METRICS, EvalInputError
 from mumu_core.eval.models import ModelFolderError
 
-NEEDS = {
-    "clip_t": ("clip",),
-    "clip_i": ("clip",),
-    "dino": ("dino",),
-    "mm_clip": ("clip", "grounding_dino"),
-    "face": ("faces",),
-}
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mumu_core.eval", description=__doc__.split("\n")[0])
@@ -101,17 +93,24 @@ def _run(args: argparse.Namespace) -> int:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise SystemExit(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
-    if "face" in metrics and args.face_detector == "scrfd" and args.faces is None and args.scrfd is None:
-        raise SystemExit("metric 'face' needs --faces (antelopev2 folder) or --arcface and --scrfd")
-    given = {"clip": args.clip, "dino": args.dino, "grounding_dino": args.grounding_dino,
-             "faces": args.faces or args.arcface}  # fmt: skip
-    if "face" in metrics and args.face_detector == "grounding" and args.grounding_dino is None:
-        raise SystemExit("--face-detector grounding needs --grounding-dino")
-    missing = sorted({f"--{n.replace('_', '-')}" for m in metrics for n in NEEDS[m] if given[n] is None})
+    missing = []
+    if {"clip_t", "clip_i", "mm_clip"} & set(metrics) and args.clip is None:
+        missing.append("--clip")
+    if "dino" in metrics and args.dino is None:
+        missing.append("--dino")
+    if args.grounding_dino is None and (
+        "mm_clip" in metrics or ("face" in metrics and args.face_detector == "grounding")
+    ):
+        missing.append("--grounding-dino")
+    if "face" in metrics and args.faces is None:
+        if args.arcface is None:
+            missing.append("--faces (antelopev2 folder) or --arcface")
+        if args.face_detector == "scrfd" and args.scrfd is None:
+            missing.append("--faces (antelopev2 folder) or --scrfd")
     if missing:
         raise SystemExit(
-            f"metrics {metrics} need {missing}: give those model folders (docs/EVAL.md lists what goes in "
-            "each) or choose fewer metrics with --metrics"
+            f"metrics {metrics} need {', '.join(dict.fromkeys(missing))}: give those models (docs/EVAL.md "
+            "lists what goes in each) or choose fewer metrics with --metrics"
         )
     manifest = load_manifest(args.manifest)  # validated before any model is loaded
 
@@ -120,11 +119,10 @@ def _run(args: argparse.Namespace) -> int:
     from mumu_core.eval.models import ClipScorer, DinoScorer, GroundingDetector
     from mumu_core.eval.report import write_results
 
-    need = {n for m in metrics for n in NEEDS[m]}
-    clip = ClipScorer(args.clip, args.device) if "clip" in need else None
-    dino = DinoScorer(args.dino, args.device) if "dino" in need else None
+    clip = ClipScorer(args.clip, args.device) if {"clip_t", "clip_i", "mm_clip"} & set(metrics) else None
+    dino = DinoScorer(args.dino, args.device) if "dino" in metrics else None
     detector = None
-    if "grounding_dino" in need or ("face" in metrics and args.face_detector == "grounding"):
+    if "mm_clip" in metrics or ("face" in metrics and args.face_detector == "grounding"):
         detector = GroundingDetector(
             args.grounding_dino, args.device, args.box_threshold, args.text_threshold
         )
@@ -152,6 +150,7 @@ def _run(args: argparse.Namespace) -> int:
         "text_threshold": args.text_threshold,
         "face_detector": args.face_detector if faces else None,
         "face_threshold": args.face_threshold if faces else None,
+        "face_det_size": args.face_det_size if faces and args.face_detector == "scrfd" else None,
     }
     paths = write_results(results, args.out, info)
     from mumu_core.eval.metrics import aggregate

@@ -20,11 +20,20 @@ class ModelFolderError(FileNotFoundError):
     """A metric model folder is missing or incomplete; the message says what belongs there."""
 
 
-def check_folder(folder: str | Path, what: str, needs: Sequence[str] = ("config.json",)) -> Path:
+# Hub folders carry preprocessor_config.json; transformers 5's save_pretrained of a processor writes
+# processor_config.json instead. Either one describes the preprocessing.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def check_folder(
+    folder: str | Path, what: str, needs: Sequence[str | tuple[str, ...]] = ("config.json", PROCESSOR_FILES)
+) -> Path:
+    """``needs``: file names, or tuples of alternatives of which one must exist."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelFolderError(f"{what} folder {folder} does not exist: put a local copy of the model there")
-    missing = [n for n in needs if not (folder / n).is_file()]
+    alts = [(n,) if isinstance(n, str) else n for n in needs]
+    missing = [" or ".join(a) for a in alts if not any((folder / n).is_file() for n in a)]
     if missing:
         raise ModelFolderError(
             f"{what} folder {folder} lacks {missing}: it must be a Hugging Face model folder"
@@ -55,7 +64,7 @@ class ClipScorer:
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu", batch_size: int = 16) -> None:
         from transformers import AutoProcessor, CLIPModel
 
-        folder = check_folder(folder, "CLIP", ("config.json", "preprocessor_config.json"))
+        folder = check_folder(folder, "CLIP")
         self.name = str(folder)
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -98,7 +107,7 @@ class DinoScorer:
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu", batch_size: int = 16) -> None:
         from transformers import AutoImageProcessor, ViTModel
 
-        folder = check_folder(folder, "DINO", ("config.json", "preprocessor_config.json"))
+        folder = check_folder(folder, "DINO")
         self.name = str(folder)
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -135,7 +144,7 @@ class GroundingDetector:
     ) -> None:
         from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
-        folder = check_folder(folder, "GroundingDINO", ("config.json", "preprocessor_config.json"))
+        folder = check_folder(folder, "GroundingDINO")
         self.name = str(folder)
         self.device = torch.device(device)
         self.box_threshold = box_threshold
@@ -159,7 +168,8 @@ class GroundingDetector:
             target_sizes=[(image.height, image.width)],
         )[0]
         dets = []
-        labels = res.get("text_labels", res.get("labels"))
+        # "labels" is deprecated in favour of "text_labels" (and warns when read).
+        labels = res["text_labels"] if "text_labels" in res else res["labels"]
         for box, score, label in zip(res["boxes"].tolist(), res["scores"].tolist(), labels):
             x0, y0, x1, y1 = (
                 max(0.0, box[0]),

@@ -1,0 +1,152 @@
+"""The evaluation harness scores an oracle ~1, generators that ignore references ~chance, and finds trends."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mumu_core.mini import evaluate as E
+from mumu_core.mini import world as W
+from mumu_core.mini.analyser import Analyser
+
+SMALL = E.EvalConfig(
+    n_single=48,
+    n_pair=24,
+    n_style=24,
+    guidance=1.5,
+    tokens_per_image=16,
+    guidance_sweep=(1.0,),
+    batch_size=24,
+)
+
+
+@pytest.fixture(scope="module")
+def analyser() -> Analyser:
+    torch.set_num_threads(1)
+    return Analyser.load()
+
+
+def test_oracle_scores_one(analyser: Analyser, tmp_path) -> None:
+    report = E.run_evaluation(E.oracle_generator(), tmp_path, SMALL, analyser)
+    for g in (1.0, 1.5):
+        single = report.row(suite="single", guidance=g, condition="image")
+        assert single["colour"] >= 0.98 and single["shape"] >= 0.98
+        pair = report.row(suite="pair", guidance=g, condition="image")
+        assert pair["both_colours"] >= 0.95 and pair["both_shapes"] >= 0.95
+        assert report.row(suite="style", guidance=g, condition="image")["style"] >= 0.9
+    passed = {t["name"].split(":")[0]: t["pass"] for t in report.targets}
+    assert passed["single"] and passed["pair"]
+    # The oracle ignores tokens, so fidelity does not rise with them.
+    assert not [t for t in report.targets if t["name"].startswith("tokens")][0]["pass"]
+    # Outputs: tables, json and contact sheets.
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["rows"] and data["targets"] and data["chance"]["single"]["colour"] == pytest.approx(1 / 6)
+    assert "| single: colour |" in (tmp_path / "results.md").read_text()
+    for suite in ("single", "pair", "style", "tokens"):
+        sheet = Image.open(tmp_path / f"sheet_{suite}_g1.5.png")
+        assert sheet.width > 200 and sheet.height > 200
+
+
+def test_references_ignored_gives_chance(analyser: Analyser, tmp_path) -> None:
+    cfg = E.EvalConfig(
+        n_single=240,
+        n_pair=120,
+        n_style=120,
+        guidance=1.5,
+        tokens_per_image=16,
+        guidance_sweep=(),
+        suites=("single", "pair", "style"),
+        batch_size=120,
+    )
+    report = E.run_evaluation(E.random_generator(), tmp_path, cfg, analyser)
+    ch = report.chance
+    single = report.row(suite="single", guidance=1.5, condition="image")
+    assert abs(single["colour"] - ch["single"]["colour"]) < 0.07
+    assert abs(single["shape"] - ch["single"]["shape"]) < 0.08
+    pair = report.row(suite="pair", guidance=1.5, condition="image")
+    assert abs(pair["both_colours"] - ch["pair"]["both_colours"]) < 0.06
+    assert abs(report.row(suite="style", guidance=1.5, condition="image")["style"] - 1 / 3) < 0.1
+    assert not any(t["pass"] for t in report.targets if not t["name"].startswith("text-only"))
+
+
+def constant_generator(prompts: Sequence[E.MiniPrompt], guidance: float, seed: int) -> list[Image.Image]:
+    """Always a red circle (and a blue square) on a flat background, whatever the prompt says."""
+    out = []
+    for i, p in enumerate(prompts):
+        colours, shapes = ["red", "blue"][: p.n_objects], ["circle", "square"][: p.n_objects]
+        s = W.generate_scene(np.random.default_rng([seed, i]), colours=colours, shapes=shapes, style="flat")
+        out.append(W.render(s))
+    return out
+
+
+def test_balanced_cases_make_a_constant_generator_score_exactly_chance(analyser: Analyser, tmp_path) -> None:
+    cfg = E.EvalConfig(n_single=48, guidance=1.5, tokens_per_image=16, guidance_sweep=(), suites=("single",))
+    report = E.run_evaluation(constant_generator, tmp_path, cfg, analyser)
+    for cond in ("image", "text_only"):
+        row = report.row(suite="single", condition=cond)
+        assert row["colour"] == pytest.approx(1 / 6) and row["shape"] == pytest.approx(1 / 4)
+    assert all(t["pass"] for t in report.targets if t["name"].startswith("text-only"))
+
+
+def token_limited_generator(prompts: Sequence[E.MiniPrompt], guidance: float, seed: int) -> list[Image.Image]:
+    """Copies the references' attributes with probability tokens / 16, else draws them at random."""
+    oracle, rand = E.oracle_generator(), E.random_generator()
+    out = []
+    for i, p in enumerate(prompts):
+        use = np.random.default_rng([seed, i, 7]).random() < p.tokens_per_image / 16
+        out.extend((oracle if use else rand)([p], guidance, seed * 1000 + i))
+    return out
+
+
+def test_tokens_suite_detects_rising_fidelity(analyser: Analyser, tmp_path) -> None:
+    cfg = E.EvalConfig(
+        n_single=96,
+        guidance=1.5,
+        tokens_per_image=16,
+        guidance_sweep=(),
+        suites=("tokens",),
+        tokens_sweep=(1, 4, 16),
+    )
+    report = E.run_evaluation(token_limited_generator, tmp_path, cfg, analyser)
+    (target,) = report.targets
+    assert target["pass"], target
+    assert target["value"][0] < 0.5 < target["value"][-1]
+
+
+def test_pair_scoring_rules() -> None:
+    exp = (("red", "circle"), ("blue", "square"))
+    assert E._pair_score(exp, [("blue", "square"), ("red", "circle")])["both_all"] == 1.0
+    mixed = E._pair_score(exp, [("red", "square"), ("blue", "circle")])
+    assert mixed["both_colours"] == 1.0 and mixed["both_shapes"] == 0.0
+    one = E._pair_score(exp, [("red", "circle")])
+    assert one["both_colours"] == 0.0 and one["colour"] == 0.5
+    assert E.tokens_rising([0.2, 0.5, 0.9]) and not E.tokens_rising([0.5, 0.2, 0.6])
+    assert not E.tokens_rising([0.5, 0.5])
+
+
+def test_prompts_are_valid_interleaved_prompts() -> None:
+    prompt_mod = pytest.importorskip("mumu_core.prompt")
+    (case,) = E.pair_cases(1, tokens=16)
+    ip = case.prompt.to_interleaved()
+    assert isinstance(ip, prompt_mod.InterleavedPrompt)
+    assert len(ip.images) == 2 and all(r.tokens == 16 for r in ip.images)
+    assert case.prompt.text.startswith("a <image> ") and " and a" in case.prompt.text
+    text_only = case.prompt.without_images()
+    assert "<image>" not in text_only.text and not text_only.images and not text_only.references
+    (style,) = E.style_cases(1, tokens=4)
+    assert "<image> background" in style.prompt.text
+
+
+def test_harness_rejects_bad_generators(analyser: Analyser, tmp_path) -> None:
+    cfg = E.EvalConfig(n_single=4, guidance=1.5, tokens_per_image=16, guidance_sweep=(), suites=("single",))
+    with pytest.raises(RuntimeError, match="returned 1 images for 4"):
+        E.run_evaluation(lambda p, g, s: [Image.new("RGB", (24, 24))], tmp_path, cfg, analyser)
+    with pytest.raises(ValueError, match="unknown suite"):
+        E.run_evaluation(E.oracle_generator(), tmp_path, E.EvalConfig(suites=("nope",)), analyser)
+    with pytest.raises(ValueError, match="oracle"):
+        E.load_generator("nonsense")

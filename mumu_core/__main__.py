@@ -1,0 +1,192 @@
+"""``python -m mumu_core``: generate, export-lora, fuse, make-tiny.
+
+Bad input (missing or corrupt files, prompts that do not fit their images, impossible settings) prints
+one ``error: ...`` line and exits with status 2; everything is validated before any model loads, and
+images are written atomically, so a failure never leaves a partial PNG or clobbers an earlier one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .bundle import BundleError
+    from .encoder import EncoderLoadError
+    from .pipeline import GenerationError
+    from .prompt import PromptError
+    from .sdxl import SDXLLoadError
+
+    return (BundleError, EncoderLoadError, GenerationError, PromptError, SDXLLoadError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mumu_core", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images from an interleaved text+image prompt")
+    g.add_argument("--vlm", required=True, type=Path, help="Idefics2 folder (e.g. idefics2-8b)")
+    g.add_argument("--bundle", required=True, type=Path, help="MUMU bundle .safetensors")
+    g.add_argument("--sdxl", required=True, type=Path, help="SDXL single .safetensors or diffusers folder")
+    g.add_argument("--prompt", required=True, help='e.g. "a <image> man and his <image> dog"')
+    g.add_argument("--image", action="append", default=[], type=Path, help="reference image, in prompt order")
+    g.add_argument("--out", required=True, type=Path, help="output folder for the PNGs")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the preset's, 50 for real)")
+    g.add_argument(
+        "--cfg", type=float, default=None, help="guidance scale (default: the preset's, 6 for real)"
+    )
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--batch", type=int, default=1, help="images to generate")
+    g.add_argument("--tokens-per-image", type=int, default=None, help="square number (default: the bundle's)")
+    g.add_argument("--preset", choices=["real", "tiny", "mini"], default=None, help="default: the bundle's")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--lora-scale", type=float, default=1.0, help="strength of the bundle's UNet LoRA")
+
+    e = sub.add_parser(
+        "export-lora", help="write the bundle's UNet LoRA as a kohya LoRA (ComfyUI, diffusers)"
+    )
+    e.add_argument("--bundle", required=True, type=Path)
+    e.add_argument("--out", required=True, type=Path, help="output .safetensors")
+
+    f = sub.add_parser("fuse", help="merge the bundle's UNet LoRA into an SDXL checkpoint (one .safetensors)")
+    f.add_argument("--bundle", required=True, type=Path)
+    f.add_argument("--sdxl", required=True, type=Path, help="SDXL single .safetensors or diffusers folder")
+    f.add_argument("--out", required=True, type=Path, help="output .safetensors")
+    f.add_argument("--scale", type=float, default=1.0)
+
+    t = sub.add_parser("make-tiny", help="write a tiny random model set (for demos and tests)")
+    t.add_argument("outdir", type=Path)
+    t.add_argument("--preset", choices=["tiny", "mini"], default="tiny")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": _generate, "export-lora": _export, "fuse": _fuse, "make-tiny": _make_tiny}[
+            args.command
+        ](args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bundle import load_bundle
+    from .encoder import check_vlm_folder
+    from .pipeline import GenerationError, MumuPipeline
+    from .prompt import InterleavedPrompt, load_image
+    from .sdxl import SDXLLoadError
+
+    # Everything cheap is checked before any model loads.
+    bundle = load_bundle(args.bundle)
+    images = [load_image(p) for p in args.image]
+    tokens = args.tokens_per_image or bundle.meta.tokens_per_image
+    prompt = InterleavedPrompt.parse(args.prompt, images, tokens_per_image=tokens)
+    check_vlm_folder(args.vlm)
+    if not args.sdxl.exists():
+        raise SDXLLoadError(f"SDXL path {args.sdxl} does not exist")
+    if args.out.exists() and not args.out.is_dir():
+        raise GenerationError(f"--out {args.out} is a file: give a folder for the PNGs")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise GenerationError(f"--device {device} but no CUDA device is available: use --device cpu")
+    dtype = getattr(torch, DTYPES[args.dtype])
+
+    pipe = MumuPipeline.from_paths(
+        args.vlm,
+        bundle,
+        args.sdxl,
+        preset=args.preset,
+        dtype=dtype,
+        device=device,
+        lora_scale=args.lora_scale,
+    )
+    pipe.settings(args.steps, args.cfg, args.width, args.height, args.batch)  # fail before encoding
+    result = pipe(
+        prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.cfg,
+        width=args.width,
+        height=args.height,
+        batch=args.batch,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    for img in result:
+        print(save_png_atomic(img, args.out, f"mumu-s{args.seed}"))
+    return 0
+
+
+def save_png_atomic(image, folder: Path, stem: str) -> Path:
+    """Write ``image`` as ``<stem>-NNNN.png`` under the first free number, via a temp file + rename."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".mumu-", suffix=".png.tmp")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)
+        for n in range(100000):
+            target = folder / f"{stem}-{n:04d}.png"
+            try:
+                # link() fails if the name exists, so an earlier image is never overwritten.
+                os.link(tmp, target)
+                return target
+            except FileExistsError:
+                continue
+        raise RuntimeError(f"no free file name for {stem}-NNNN.png in {folder}")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .bundle import export_kohya_unet_lora, load_bundle
+
+    print(export_kohya_unet_lora(load_bundle(args.bundle), args.out))
+    return 0
+
+
+def _fuse(args: argparse.Namespace) -> int:
+    from .bundle import fuse_unet_lora_into_checkpoint, load_bundle
+
+    print(fuse_unet_lora_into_checkpoint(load_bundle(args.bundle), args.sdxl, args.out, args.scale))
+    return 0
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from .testing import build_tiny_models
+
+    m = build_tiny_models(args.outdir, args.preset)
+    sdxl = m.sdxl_single_file or m.sdxl
+    print(f"vlm:    {m.vlm}\nsdxl:   {m.sdxl}\nsingle: {m.sdxl_single_file}\nbundle: {m.bundle}")
+    print(
+        f"try: python -m mumu_core generate --vlm {m.vlm} --bundle {m.bundle} --sdxl {sdxl} "
+        f'--prompt "a <image> man and his <image> dog" --image {m.images[0]} --image {m.images[1]} '
+        f"--out {m.root / 'out'} --steps 4"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

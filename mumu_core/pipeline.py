@@ -1,0 +1,209 @@
+"""Standalone MUMU generation without ComfyUI: diffusers' ``StableDiffusionXLPipeline`` fed embeddings.
+
+The pipeline is built with no text encoders or tokenizers at all; MUMU's conditioner gives the
+cross-attention context and the pooled vector, and the negative is the one convention of
+``conditioning.SDXLConditioning.negative`` (zeros, or the bundle's ``negative_pooled="keep"``).
+Defaults are the paper's: DDIM, 50 steps, CFG 6 (the preset's numbers).
+
+Memory: the VLM (7B for the real model) and the UNet never sit on the accelerator together. The
+conditioner is moved to the device only to encode, then back to the CPU before the UNet moves in.
+Each prompt is sampled on its own unpadded context (padding would add zero keys to cross-attention),
+so a batch of prompts gives the images of running them one by one, up to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .bundle import MumuBundle, apply_unet_lora, check_unet_compatible, load_bundle, load_conditioner
+from .conditioning import SDXLConditioning
+from .presets import Preset, get_preset
+from .prompt import InterleavedPrompt
+from .sdxl import SDXLComponents, load_sdxl
+
+MAX_SIDE = 4096
+MAX_BATCH = 64
+
+
+class GenerationError(ValueError):
+    """Bad generation settings; the message says which and what is allowed."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    batch: int
+
+
+class MumuPipeline:
+    def __init__(
+        self,
+        conditioner,
+        components: SDXLComponents,
+        bundle: MumuBundle,
+        preset: Preset,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+        check_unet_compatible(bundle, dict(components.unet.config))
+        self.conditioner = conditioner
+        self.bundle = bundle
+        self.preset = preset
+        self.device = torch.device(device)
+        self.dtype = dtype
+        # The bundle records what the UNet was trained to predict; the sampler must agree with it.
+        scheduler = DDIMScheduler.from_config(
+            components.scheduler.config, prediction_type=bundle.meta.prediction_type
+        )
+        self.pipe = StableDiffusionXLPipeline(
+            vae=components.vae,
+            text_encoder=None,
+            text_encoder_2=None,
+            tokenizer=None,
+            tokenizer_2=None,
+            unet=components.unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+
+    @classmethod
+    def from_paths(
+        cls,
+        vlm: str | Path,
+        bundle: str | Path | MumuBundle,
+        sdxl: str | Path,
+        preset: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        lora_scale: float = 1.0,
+    ) -> MumuPipeline:
+        """Load everything from local paths. ``preset`` defaults to the one the bundle records."""
+        from .bundle import BundleMismatchError
+
+        bundle = bundle if isinstance(bundle, MumuBundle) else load_bundle(bundle)
+        if preset is not None and preset != bundle.meta.preset:
+            raise BundleMismatchError(
+                f"--preset {preset!r} but the bundle was made for preset {bundle.meta.preset!r}: "
+                "drop --preset or use a bundle of that preset"
+            )
+        p = get_preset(bundle.meta.preset)
+        # Everything is loaded onto the CPU; each model moves to the device only while it works.
+        components = load_sdxl(sdxl, p, dtype=dtype, device="cpu")
+        check_unet_compatible(bundle, dict(components.unet.config))
+        apply_unet_lora(components.unet, bundle, lora_scale)
+        conditioner = load_conditioner(vlm, bundle, dtype=dtype, device="cpu")
+        return cls(conditioner, components, bundle, p, device=device, dtype=dtype)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def settings(
+        self,
+        steps: int | None = None,
+        guidance: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        batch: int = 1,
+    ) -> GenerationSettings:
+        s = GenerationSettings(
+            steps=self.preset.num_inference_steps if steps is None else steps,
+            guidance=self.preset.guidance_scale if guidance is None else guidance,
+            width=self.preset.resolution if width is None else width,
+            height=self.preset.resolution if height is None else height,
+            batch=batch,
+        )
+        if not 1 <= s.steps <= 1000:
+            raise GenerationError(f"steps must be between 1 and 1000, got {s.steps}")
+        if not (s.guidance >= 0 and s.guidance < float("inf")):
+            raise GenerationError(f"guidance (CFG scale) must be a finite number >= 0, got {s.guidance}")
+        for name, v in (("width", s.width), ("height", s.height)):
+            if not (8 <= v <= MAX_SIDE) or v % 8:
+                raise GenerationError(f"{name} must be a multiple of 8 between 8 and {MAX_SIDE}, got {v}")
+        if not 1 <= s.batch <= MAX_BATCH:
+            raise GenerationError(f"batch must be between 1 and {MAX_BATCH}, got {s.batch}")
+        return s
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[InterleavedPrompt]) -> list[SDXLConditioning]:
+        """One unpadded conditioning (on the CPU) per prompt; the VLM leaves the device afterwards."""
+        self._to(self.pipe.unet, "cpu")
+        self._to(self.pipe.vae, "cpu")
+        self._to(self.conditioner, self.device)
+        try:
+            cond = self.conditioner.encode(list(prompts))
+        finally:
+            self._to(self.conditioner, "cpu")
+        out = []
+        for b in range(len(prompts)):
+            n = int(cond.attention_mask[b].sum())
+            out.append(
+                SDXLConditioning(
+                    cond.context[b : b + 1, :n].cpu(),
+                    cond.pooled[b : b + 1].cpu(),
+                    cond.attention_mask[b : b + 1, :n].cpu(),
+                )
+            )
+        return out
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: InterleavedPrompt | Sequence[InterleavedPrompt],
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        batch: int = 1,
+        progress: bool = True,
+    ) -> list[Image.Image]:
+        """``batch`` images per prompt, in prompt order. Prompt ``i`` is seeded with ``seed + i``."""
+        if isinstance(prompts, InterleavedPrompt):
+            prompts = [prompts]
+        if not prompts:
+            raise GenerationError("give at least one prompt")
+        s = self.settings(steps, guidance, width, height, batch)
+        conds = self.encode(prompts)
+        self._to(self.pipe.unet, self.device)
+        self._to(self.pipe.vae, self.device)
+        self.pipe.set_progress_bar_config(disable=not progress)
+        images: list[Image.Image] = []
+        for i, cond in enumerate(conds):
+            neg = cond.negative(self.bundle.meta.negative_pooled)
+            cond, neg = cond.to(self.device, self.dtype), neg.to(self.device, self.dtype)
+            out = self.pipe(
+                prompt_embeds=cond.context,
+                pooled_prompt_embeds=cond.pooled,
+                negative_prompt_embeds=neg.context,
+                negative_pooled_prompt_embeds=neg.pooled,
+                num_inference_steps=s.steps,
+                guidance_scale=s.guidance,
+                width=s.width,
+                height=s.height,
+                num_images_per_prompt=s.batch,
+                # SDXL micro-conditioning: the image is generated at, and stands for, this size uncropped.
+                original_size=(s.height, s.width),
+                target_size=(s.height, s.width),
+                crops_coords_top_left=(0, 0),
+                generator=torch.Generator("cpu").manual_seed(seed + i),
+                output_type="pil",
+            )
+            images.extend(out.images)
+        return images
+
+    def _to(self, module: torch.nn.Module, device: str | torch.device) -> None:
+        device = torch.device(device)
+        if self.device.type == "cpu":
+            return  # nothing to offload
+        module.to(device)
+        if device.type == "cpu" and torch.cuda.is_available():
+            torch.cuda.empty_cache()

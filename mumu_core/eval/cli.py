@@ -28,6 +28,10 @@ from mumu_core.eval.metrics import METRICS, EvalInputError
 from mumu_core.eval.models import ModelFolderError
 
 
+class UsageError(ValueError):
+    """The command line asks for something it does not give the means for."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mumu_core.eval", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -92,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
-        raise SystemExit(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+        raise UsageError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
     missing = []
     if {"clip_t", "clip_i", "mm_clip"} & set(metrics) and args.clip is None:
         missing.append("--clip")
@@ -103,12 +107,13 @@ def _run(args: argparse.Namespace) -> int:
     ):
         missing.append("--grounding-dino")
     if "face" in metrics and args.faces is None:
-        if args.arcface is None:
-            missing.append("--faces (antelopev2 folder) or --arcface")
-        if args.face_detector == "scrfd" and args.scrfd is None:
-            missing.append("--faces (antelopev2 folder) or --scrfd")
+        lacking = [f for f, v in (("--arcface", args.arcface), ("--scrfd", args.scrfd)) if v is None]
+        if args.face_detector != "scrfd":
+            lacking = [f for f in lacking if f != "--scrfd"]
+        if lacking:
+            missing.append(f"--faces (the antelopev2 folder) or {' and '.join(lacking)}")
     if missing:
-        raise SystemExit(
+        raise UsageError(
             f"metrics {metrics} need {', '.join(dict.fromkeys(missing))}: give those models (docs/EVAL.md "
             "lists what goes in each) or choose fewer metrics with --metrics"
         )
@@ -198,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"run": _run, "dreambench-suite": _dreambench, "plan": _plan}[args.command](args)
-    except (ManifestError, EvalInputError, ModelFolderError) as e:
+    except (UsageError, ManifestError, EvalInputError, ModelFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

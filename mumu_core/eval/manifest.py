@@ -466,14 +466,15 @@ def plan_suite(
 ) -> tuple[Manifest, list[str]]:
     """Expand the suite into one case per (subject, prompt) and one generate command per seed.
 
-    Generated images are named ``<out_dir>/<subject>/<prompt index>_s<seed>.png``.
+    Generated images are named ``<out_dir>/<subject>/<prompt index>_s<seed>.png``. The commands use
+    absolute paths so that the script runs from any working directory.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
     cases: list[EvalCase] = []
     commands: list[str] = []
     for s in suite.subjects:
         templates = suite.live_prompts if s.live else suite.object_prompts
-        ref = s.images[suite.reference_index]
+        ref = s.images[suite.reference_index].resolve()
         for pi, t in enumerate(templates):
             prompt = t.replace("{0}", "<image>").replace("{1}", s.noun)
             gen = tuple(out_dir / s.id / f"{pi:02d}_s{seed}.png" for seed in suite.seeds)
@@ -485,7 +486,7 @@ def plan_suite(
                     generated=gen,
                     # The whole class noun ("stuffed animal"), not just the word after the placeholder.
                     phrases=(s.noun,),
-                    subject_images=(s.images,),
+                    subject_images=(tuple(p.resolve() for p in s.images),),
                     group=s.id,
                     seeds=suite.seeds,
                 )

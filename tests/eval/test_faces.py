@@ -88,3 +88,15 @@ def test_arcface_same_face_beats_other_face(models):
     assert float(e_ref[0] @ e_same[0]) > 0.9999
     assert float(e_ref[0] @ e_same[0]) > float(e_ref[0] @ e_other[0])
     assert fa.faces(noise(3, lo=0, hi=60))[0] == []  # dark noise: no face
+
+
+def test_grounding_face_route_crops_without_landmarks(models):
+    from mumu_core.eval.faces import GroundingFaceDetector
+    from mumu_core.eval.models import GroundingDetector
+
+    det = GroundingFaceDetector(GroundingDetector(models / "gdino", box_threshold=0.0, text_threshold=0.0))
+    fa = FaceAnalyzer(det, ArcFaceEmbedder(models / "antelopev2" / "glintr100.onnx"), "grounding")
+    faces, embs = fa.faces(face_image(1))
+    assert faces and all(f.landmarks is None for f in faces)
+    assert embs.shape == (len(faces), 512)
+    assert align_face(face_image(1), faces[0]).size == (112, 112)

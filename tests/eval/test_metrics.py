@@ -223,8 +223,9 @@ def test_report_and_cli_end_to_end(tmp_path, models, capsys):
     mpath = save_manifest(m, tmp_path / "manifest.json")
     out = tmp_path / "results"
     base = ["run", "--manifest", str(mpath), "--out", str(out)]
-    with pytest.raises(SystemExit, match="--dino"):
-        main([*base, "--clip", str(models / "clip")])
+    assert main([*base, "--clip", str(models / "clip")]) == 2
+    err = capsys.readouterr().err
+    assert "--dino" in err and "--grounding-dino" in err and "--faces" in err and "--clip" not in err
     rc = main([*base, "--clip", str(models / "clip"), "--dino", str(models / "dino"),
                "--grounding-dino", str(models / "gdino"), "--box-threshold", "0", "--text-threshold", "0",
                "--faces", str(models / "antelopev2"), "--face-det-size", str(SCRFD_INPUT)])  # fmt: skip

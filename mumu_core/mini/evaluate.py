@@ -21,6 +21,8 @@ Model adapters call ``prompt.to_interleaved()`` and must use only its text and i
 ``MiniPrompt.references`` is ground truth for the oracle, the report and the contact sheets.
 
     python -m mumu_core.mini.evaluate --generator oracle --out runs/mini-eval-oracle
+    python -m mumu_core.mini.evaluate --generator pipeline --vlm M/vlm --sdxl M/sdxl --bundle B.safetensors \
+        --out runs/mini-eval
     python -m mumu_core.mini.evaluate --generator my_module:make_generator --out runs/mini-eval
 """
 
@@ -328,14 +330,54 @@ def random_generator(cfg: WorldConfig = DEFAULT_WORLD) -> GenerateFn:
     return generate
 
 
+def pipeline_generator(
+    vlm: str | Path,
+    bundle: str | Path,
+    sdxl: str | Path,
+    steps: int | str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> GenerateFn:
+    """A trained MUMU-mini model through the standalone pipeline (local paths only, nothing downloaded).
+
+    Prompt ``k`` of a call gets seed ``seed + k`` (the pipeline's convention); the harness passes each
+    batch's start index as its seed offset, so every case has its own, batching-independent noise.
+    """
+    import torch
+
+    from ..pipeline import MumuPipeline
+
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"dtype {dtype!r}: use a torch dtype name such as float32 or bfloat16")
+    pipe = MumuPipeline.from_paths(vlm, bundle, sdxl, device=device, dtype=getattr(torch, dtype))
+    n_steps = int(steps) if steps is not None else None
+
+    def generate(prompts: Sequence[MiniPrompt], guidance: float, seed: int) -> list[Image.Image]:
+        return pipe(
+            [p.to_interleaved() for p in prompts], seed=seed, steps=n_steps, guidance=guidance, progress=False
+        )
+
+    return generate
+
+
 def load_generator(spec: str, **kwargs: Any) -> GenerateFn:
-    """``oracle``, ``random`` or ``module:factory`` (``factory(**kwargs)`` returns a generate callable)."""
+    """``oracle``, ``random``, ``pipeline`` (kwargs of `pipeline_generator`) or ``module:factory``
+    (``factory(**kwargs)`` returns a generate callable)."""
     if spec == "oracle":
         return oracle_generator()
     if spec == "random":
         return random_generator()
+    if spec == "pipeline":
+        missing = {"vlm", "bundle", "sdxl"} - set(kwargs)
+        if missing:
+            raise ValueError(
+                f"the pipeline generator needs local paths for {sorted(missing)} (--vlm, --bundle, --sdxl)"
+            )
+        return pipeline_generator(**kwargs)
     if ":" not in spec:
-        raise ValueError(f"generator {spec!r}: use 'oracle', 'random' or 'package.module:factory'")
+        raise ValueError(
+            f"generator {spec!r}: use 'oracle', 'random', 'pipeline' or 'package.module:factory'"
+        )
     module, _, name = spec.partition(":")
     factory = getattr(importlib.import_module(module), name, None)
     if factory is None:
@@ -367,8 +409,9 @@ def _generate(
     out: list[Image.Image] = []
     for b in tqdm(range(0, len(prompts), batch), desc=desc, leave=False):
         chunk = list(prompts[b : b + batch])
-        # Batch index in the seed: the same case gets the same noise in every condition and guidance.
-        images = list(generate(chunk, guidance, seed + b // batch))
+        # The start index in the seed: a case gets the same noise in every condition and guidance, and
+        # with the pipeline's seed + k convention every case has its own seed whatever the batching.
+        images = list(generate(chunk, guidance, seed + b))
         if len(images) != len(chunk):
             raise RuntimeError(f"generator returned {len(images)} images for {len(chunk)} prompts")
         for im in images:
@@ -663,7 +706,14 @@ def to_markdown(report: EvalReport) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mumu_core.mini.evaluate", description=__doc__.split("\n")[0])
-    ap.add_argument("--generator", required=True, help="oracle | random | package.module:factory")
+    ap.add_argument("--generator", required=True, help="pipeline | oracle | random | package.module:factory")
+    ap.add_argument("--vlm", help="pipeline: the mini Idefics2 folder")
+    ap.add_argument("--bundle", help="pipeline: the trained bundle (.safetensors)")
+    ap.add_argument("--sdxl", help="pipeline: the mini SDXL-class UNet folder (diffusers layout)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="pipeline: sampling steps (default: the preset's)"
+    )
+    ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--generator-arg", action="append", default=[], metavar="KEY=VALUE", help="factory kwargs"
     )
@@ -691,6 +741,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"--generator-arg {kv!r}: use KEY=VALUE")
         k, _, v = kv.partition("=")
         kwargs[k] = v
+    if args.generator == "pipeline":
+        kwargs.update(
+            {k: getattr(args, k) for k in ("vlm", "bundle", "sdxl", "steps") if getattr(args, k) is not None}
+        )
+        kwargs["device"] = args.device
     generate = load_generator(args.generator, **kwargs)
     cfg = EvalConfig(
         n_single=args.n_single,

@@ -150,3 +150,31 @@ def test_harness_rejects_bad_generators(analyser: Analyser, tmp_path) -> None:
         E.run_evaluation(E.oracle_generator(), tmp_path, E.EvalConfig(suites=("nope",)), analyser)
     with pytest.raises(ValueError, match="oracle"):
         E.load_generator("nonsense")
+
+
+def test_pipeline_generator_runs_the_harness_on_a_random_mini_model(
+    analyser: Analyser, tmp_path_factory
+) -> None:
+    """The real model path end to end (random weights, 2 steps): valid images, every suite reported."""
+    pytest.importorskip("mumu_core.pipeline")
+    from mumu_core.testing import build_tiny_models
+
+    models = build_tiny_models(tmp_path_factory.mktemp("mini_models"), "mini")
+    generate = E.load_generator("pipeline", vlm=models.vlm, bundle=models.bundle, sdxl=models.sdxl, steps=2)
+    cfg = E.EvalConfig(
+        n_single=6,
+        n_pair=3,
+        n_style=3,
+        guidance_sweep=(1.0,),
+        tokens_sweep=(1, 16),
+        batch_size=6,
+        sheet_rows=3,
+    )
+    out = tmp_path_factory.mktemp("eval")
+    report = E.run_evaluation(generate, out, cfg, analyser)
+    assert report.config["guidance"] == 1.5 and report.config["tokens_per_image"] == 16  # the mini preset's
+    suites = {(r["suite"], r["guidance"], r["condition"]) for r in report.rows}
+    assert len(suites) == 2 * (3 * 2 + 1)
+    assert (out / "results.md").is_file() and (out / "sheet_pair_g1.5.png").is_file()
+    with pytest.raises(ValueError, match="--vlm, --bundle, --sdxl"):
+        E.load_generator("pipeline", vlm=models.vlm)

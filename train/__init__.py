@@ -1,0 +1,1 @@
+"""MUMU training: ``python -m train --config FILE`` (see docs/TRAINING.md)."""

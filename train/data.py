@@ -1,0 +1,431 @@
+"""Train-time data: the paper's rules over a shard record, and deterministic webdataset streaming.
+
+The rules are pure functions of (record, member images, rules, rng), so their proportions can be
+tested exactly on a seeded sample. Each sample's rng is seeded from (seed, epoch, sample key), so an
+example does not depend on which process reads it, on prefetching, or on a resume.
+
+Documented choices (docs/TRAINING.md, "Data rules"):
+- Stage 1: the kept objects that have a crop; if more than ``max_crops``, a random subset of that
+  size. Each crop goes right before its words (as the bootstrapper's ``prompt``). With probability
+  ``control_prob`` (when the record has control images and there is room under ``max_images``) one
+  control image of the whole input (canny, depth or sketch, uniformly among those present) is
+  appended at the END of the prompt with a short phrase, e.g. "a man and his dog, with the edges of
+  <image>": appending keeps the caption's own interleaving intact and gives the control one fixed,
+  learnable position.
+- Stage 2: one person object (kept, with a crop), chosen uniformly; records without one are skipped.
+- Person crops with a head crop are replaced by the head crop with probability ``head_prob``.
+- Each conditioning image (crops and controls) is augmented with probability ``augment_prob`` by ONE
+  operation chosen uniformly: random crop (80-100% of each side), horizontal flip, Gaussian noise
+  (sigma 0.05) or grayscale.
+- Every image is then prepared by ``prompt.prepare_image`` at encode time: black square pad, resize to
+  exactly the token target (small crops are upsampled, never given fewer tokens).
+- Targets are cropped, not bucketed: the shorter side is resized to the resolution, then a random (or
+  centre) square crop; SDXL's micro-conditioning gets the source size, the crop's top-left in the
+  resized image and the target size, as SDXL was trained.
+- A sample without any usable image is skipped: every training prompt is multimodal, which also keeps
+  every process's vision-tower work non-empty under FSDP.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import queue
+import random
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from mumu_core.prompt import ImageRef, InterleavedPrompt
+
+from .config import DataConfig
+
+CONTROL_KINDS = ("canny", "depth", "sketch")
+# The words that introduce an appended control image (stage 1).
+CONTROL_PHRASES = {
+    "canny": ", with the edges of ",
+    "depth": ", with the depth of ",
+    "sketch": ", following the sketch ",
+}
+AUGMENTATIONS = ("crop", "flip", "noise", "grayscale")
+NOISE_SIGMA = 0.05  # in [0, 1] pixel units
+MIN_CROP_FRACTION = 0.8
+
+
+class DataError(ValueError):
+    """The shards or a record do not follow docs/ARCHITECTURE.md "Shard record"."""
+
+
+@dataclass(frozen=True)
+class Rules:
+    stage: int
+    tokens: int
+    resolution: int
+    max_crops: int = 3
+    max_images: int = 4
+    control_prob: float = 0.3
+    head_prob: float = 0.7
+    augment_prob: float = 0.2
+    target_crop: str = "random"
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, preset_tokens: int, preset_resolution: int) -> Rules:
+        tokens = cfg.tokens_per_image or preset_tokens * (4 if cfg.stage == 2 else 1)
+        return cls(
+            stage=cfg.stage,
+            tokens=tokens,
+            resolution=cfg.resolution or preset_resolution,
+            max_crops=cfg.max_crops,
+            max_images=cfg.max_images,
+            control_prob=cfg.control_prob,
+            head_prob=cfg.head_prob,
+            augment_prob=cfg.augment_prob,
+            target_crop=cfg.target_crop,
+        )
+
+    def deterministic(self) -> Rules:
+        """The same rules without randomness in the conditioning (for the fixed sample prompts)."""
+        return Rules(
+            self.stage, self.tokens, self.resolution, self.max_crops, self.max_images, 0.0, 0.0, 0.0, "center"
+        )
+
+
+@dataclass
+class Sample:
+    """One decoded shard sample: the record, the source image and the member images by key."""
+
+    key: str
+    record: dict[str, Any]
+    image: Image.Image
+    members: dict[str, Image.Image] = field(default_factory=dict)
+
+
+@dataclass
+class Example:
+    key: str
+    prompt: InterleavedPrompt
+    target: torch.Tensor  # (3, R, R) in [-1, 1]
+    time_ids: tuple[int, int, int, int, int, int]  # orig h, w, crop top, left, target h, w
+    position: tuple[int, int] = (0, 0)  # (epoch, samples of this rank's stream read so far)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure rules
+
+
+def usable_objects(record: dict[str, Any], members: dict[str, Any]) -> list[int]:
+    """Indices of kept objects whose crop is present, in caption order."""
+    objs = record.get("objects", [])
+    idx = [i for i, o in enumerate(objs) if o.get("kept") and o.get("crop") and o["crop"] in members]
+    return sorted(idx, key=lambda i: (objs[i]["span"][0], i))
+
+
+def choose_objects(
+    record: dict[str, Any], members: dict[str, Any], rules: Rules, rng: random.Random
+) -> list[int]:
+    """Stage 1: up to ``max_crops`` usable objects; stage 2: one person object (or none)."""
+    usable = usable_objects(record, members)
+    objs = record.get("objects", [])
+    if rules.stage == 2:
+        persons = [i for i in usable if objs[i].get("is_person")]
+        return [rng.choice(persons)] if persons else []
+    if len(usable) > rules.max_crops:
+        chosen = set(rng.sample(usable, rules.max_crops))
+        usable = [i for i in usable if i in chosen]
+    return usable
+
+
+def crop_member(obj: dict[str, Any], members: dict[str, Any], rules: Rules, rng: random.Random) -> str:
+    """The member key of an object's conditioning image: its head crop with ``head_prob`` for persons."""
+    head = obj.get("head_crop")
+    if obj.get("is_person") and head and head in members and rng.random() < rules.head_prob:
+        return head
+    return obj["crop"]
+
+
+def choose_control(
+    record: dict[str, Any], members: dict[str, Any], n_images: int, rules: Rules, rng: random.Random
+) -> str | None:
+    """Stage 1: a control kind (canny/depth/sketch present in the record) with ``control_prob``."""
+    if rules.stage != 1 or n_images >= rules.max_images:
+        return None
+    controls = record.get("controls") or {}
+    kinds = [k for k in CONTROL_KINDS if controls.get(k) and controls[k] in members]
+    if not kinds or rng.random() >= rules.control_prob:
+        return None
+    return rng.choice(kinds)
+
+
+def augment(image: Image.Image, rng: random.Random, op: str | None = None) -> Image.Image:
+    """One augmentation (uniform among AUGMENTATIONS unless ``op`` is given)."""
+    op = op or rng.choice(AUGMENTATIONS)
+    image = image.convert("RGB")
+    if op == "crop":
+        w, h = image.size
+        cw = max(1, round(w * rng.uniform(MIN_CROP_FRACTION, 1.0)))
+        ch = max(1, round(h * rng.uniform(MIN_CROP_FRACTION, 1.0)))
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        return image.crop((x, y, x + cw, y + ch))
+    if op == "flip":
+        return ImageOps.mirror(image)
+    if op == "noise":
+        arr = np.asarray(image, dtype=np.float32) / 255.0
+        noise = np.random.default_rng(rng.getrandbits(64)).normal(0.0, NOISE_SIGMA, arr.shape)
+        return Image.fromarray((np.clip(arr + noise, 0, 1) * 255).round().astype(np.uint8))
+    if op == "grayscale":
+        return ImageOps.grayscale(image).convert("RGB")
+    raise ValueError(f"unknown augmentation {op!r}; choose from {AUGMENTATIONS}")
+
+
+def maybe_augment(image: Image.Image, rules: Rules, rng: random.Random) -> Image.Image:
+    return augment(image, rng) if rng.random() < rules.augment_prob else image
+
+
+def build_prompt(
+    caption: str,
+    placed: Sequence[tuple[int, Image.Image]],
+    control: tuple[str, Image.Image] | None,
+    tokens: int,
+) -> InterleavedPrompt:
+    """Insert each image right before the caption position it belongs to; append the control."""
+    segs: list[str | ImageRef] = []
+    pos = 0
+    for start, img in sorted(placed, key=lambda p: p[0]):
+        start = min(max(start, 0), len(caption))
+        if start > pos:
+            segs.append(caption[pos:start])
+            pos = start
+        segs.append(ImageRef(img, tokens))
+    if pos < len(caption):
+        segs.append(caption[pos:])
+    if control is not None:
+        kind, img = control
+        segs.append(CONTROL_PHRASES[kind])
+        segs.append(ImageRef(img, tokens))
+    return InterleavedPrompt(tuple(s for s in segs if not isinstance(s, str) or s))
+
+
+def target_crop(
+    image: Image.Image, resolution: int, mode: str, rng: random.Random
+) -> tuple[torch.Tensor, tuple[int, int, int, int, int, int]]:
+    """Resize the shorter side to ``resolution``, crop a square; return pixels and SDXL time ids."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    resized = image.resize((nw, nh), Image.Resampling.BICUBIC) if (nw, nh) != (w, h) else image
+    if mode == "random":
+        top, left = rng.randint(0, nh - resolution), rng.randint(0, nw - resolution)
+    else:
+        top, left = (nh - resolution) // 2, (nw - resolution) // 2
+    crop = resized.crop((left, top, left + resolution, top + resolution))
+    x = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    return x, (h, w, top, left, resolution, resolution)
+
+
+def make_example(sample: Sample, rules: Rules, rng: random.Random) -> Example | None:
+    """Apply the stage's rules to one sample; None when the sample has no usable image."""
+    rec = sample.record
+    caption = rec.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise DataError(f"sample {sample.key}: record has no caption")
+    objs = rec.get("objects", [])
+    chosen = choose_objects(rec, sample.members, rules, rng)
+    placed = []
+    for i in chosen:
+        member = crop_member(objs[i], sample.members, rules, rng)
+        img = maybe_augment(sample.members[member], rules, rng)
+        placed.append((objs[i]["span"][0], img))
+    control = None
+    kind = choose_control(rec, sample.members, len(placed), rules, rng)
+    if kind is not None:
+        control = (kind, maybe_augment(sample.members[rec["controls"][kind]], rules, rng))
+    if not placed and control is None:
+        return None
+    target, time_ids = target_crop(sample.image, rules.resolution, rules.target_crop, rng)
+    return Example(sample.key, build_prompt(caption, placed, control, rules.tokens), target, time_ids)
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
+    # A str seed is hashed with SHA-512 by random.Random: stable across processes and Python runs.
+    return random.Random(f"{seed}/{epoch}/{key}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading shards
+
+
+def expand_shards(patterns: Sequence[str]) -> list[str]:
+    """Expand brace patterns and local globs; URLs and pipes pass through unchanged."""
+    import braceexpand
+
+    out: list[str] = []
+    for pat in patterns:
+        for p in braceexpand.braceexpand(pat):
+            if "://" in p or p.startswith("pipe:"):
+                out.append(p)
+                continue
+            hits = sorted(glob.glob(p))
+            if not hits:
+                raise DataError(f"shard pattern {p!r} matches no file: check data.shards")
+            out.extend(hits)
+    if not out:
+        raise DataError("data.shards lists no shard: give webdataset .tar files from the bootstrapper")
+    return out
+
+
+def iter_raw(urls: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Raw webdataset samples (bytes per member) from ``urls`` in order."""
+    import webdataset as wds
+
+    yield from wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.tarfile_to_samples())
+
+
+def decode_sample(raw: dict[str, Any]) -> Sample:
+    key = raw.get("__key__", "?")
+    if "json" not in raw:
+        raise DataError(f"sample {key} in {raw.get('__url__')} has no json record member")
+    record = json.loads(raw["json"])
+    img_key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in raw), None)
+    if img_key is None:
+        raise DataError(f"sample {key} in {raw.get('__url__')} has no image member (jpg)")
+
+    def load(b: bytes) -> Image.Image:
+        with Image.open(io.BytesIO(b)) as im:
+            im.load()
+            return im.copy()
+
+    members = {k: load(v) for k, v in raw.items() if k.endswith((".png", ".jpg", ".jpeg", ".webp"))}
+    return Sample(record.get("key", key), record, load(raw[img_key]), members)
+
+
+class ShardStream:
+    """An endless, deterministic stream of examples for one rank.
+
+    Each epoch the shard list is permuted with (seed, epoch). With at least as many shards as ranks,
+    rank r reads every world-th shard; with fewer, every rank reads all shards and keeps every
+    world-th sample. ``position`` = (epoch, raw samples read in that epoch) of the last example handed
+    out, which is all a resume needs: the stream skips that many raw samples without decoding them.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        rules: Rules,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        position: tuple[int, int] = (0, 0),
+    ) -> None:
+        if not urls:
+            raise DataError("no shards to read")
+        self.urls, self.rules, self.seed = list(urls), rules, seed
+        self.rank, self.world = rank, world
+        self.start = tuple(position)
+
+    def epoch_urls(self, epoch: int) -> tuple[list[str], bool]:
+        order = list(self.urls)
+        random.Random(f"{self.seed}/shards/{epoch}").shuffle(order)
+        if len(order) >= self.world:
+            return order[self.rank :: self.world], False
+        return order, True
+
+    def __iter__(self) -> Iterator[Example]:
+        epoch, skip = self.start
+        while True:
+            urls, by_sample = self.epoch_urls(epoch)
+            produced = 0
+            n = 0
+            for j, raw in enumerate(iter_raw(urls)):
+                if by_sample and j % self.world != self.rank:
+                    continue
+                n += 1
+                if n <= skip:
+                    continue
+                sample = decode_sample(raw)
+                ex = make_example(sample, self.rules, sample_rng(self.seed, epoch, sample.key))
+                if ex is None:
+                    continue
+                produced += 1
+                ex.position = (epoch, n)
+                yield ex
+            if produced == 0 and skip == 0:
+                raise DataError(
+                    f"rank {self.rank} read a whole epoch of {urls} without one usable sample "
+                    f"(stage {self.rules.stage} needs kept objects with crops"
+                    f"{', including a person' if self.rules.stage == 2 else ''})"
+                )
+            epoch, skip = epoch + 1, 0
+
+
+class Prefetcher:
+    """Runs an iterator in a background thread, ``depth`` items ahead, preserving order."""
+
+    _END = object()
+
+    def __init__(self, it: Iterator[Any], depth: int) -> None:
+        self.q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(it,), daemon=True)
+        self.thread.start()
+
+    def _run(self, it: Iterator[Any]) -> None:
+        try:
+            for item in it:
+                while not self.stop.is_set():
+                    try:
+                        self.q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer, which re-raises it with its traceback
+            self.q.put(e)
+            return
+        self.q.put(self._END)
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> Any:
+        item = self.q.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+
+
+@dataclass
+class Batch:
+    prompts: list[InterleavedPrompt]
+    targets: torch.Tensor  # (B, 3, R, R) in [-1, 1]
+    time_ids: torch.Tensor  # (B, 6)
+    position: tuple[int, int]
+
+
+def batches(examples: Iterator[Example], batch_size: int) -> Iterator[Batch]:
+    while True:
+        items = []
+        for ex in examples:
+            items.append(ex)
+            if len(items) == batch_size:
+                break
+        if len(items) < batch_size:
+            return
+        yield Batch(
+            [e.prompt for e in items],
+            torch.stack([e.target for e in items]),
+            torch.tensor([e.time_ids for e in items], dtype=torch.float32),
+            items[-1].position,
+        )

@@ -409,7 +409,7 @@ def _run_ray(source, todo, out_dir, cfg, need_detector, progress, ray_address, n
         ds = ds.map_batches(
             _RayPartWorker,
             batch_size=1,
-            concurrency=workers,
+            compute=ray.data.ActorPoolStrategy(size=workers),
             fn_constructor_kwargs={
                 "source": source,
                 "out_dir": str(out_dir),

@@ -92,9 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .bundle import load_bundle
+    from .bundle import BundleMismatchError, load_bundle
     from .encoder import check_vlm_folder
-    from .pipeline import GenerationError, MumuPipeline
+    from .pipeline import GenerationError, MumuPipeline, resolve_settings
+    from .presets import get_preset
     from .prompt import InterleavedPrompt, load_image
     from .sdxl import SDXLLoadError
 
@@ -103,6 +104,14 @@ def _generate(args: argparse.Namespace) -> int:
     images = [load_image(p) for p in args.image]
     tokens = args.tokens_per_image or bundle.meta.tokens_per_image
     prompt = InterleavedPrompt.parse(args.prompt, images, tokens_per_image=tokens)
+    if args.preset is not None and args.preset != bundle.meta.preset:
+        raise BundleMismatchError(
+            f"--preset {args.preset!r} but the bundle was made for preset {bundle.meta.preset!r}: "
+            "drop --preset or use a bundle of that preset"
+        )
+    resolve_settings(
+        get_preset(bundle.meta.preset), args.steps, args.cfg, args.width, args.height, args.batch
+    )
     check_vlm_folder(args.vlm)
     if not args.sdxl.exists():
         raise SDXLLoadError(f"SDXL path {args.sdxl} does not exist")
@@ -124,7 +133,6 @@ def _generate(args: argparse.Namespace) -> int:
         device=device,
         lora_scale=args.lora_scale,
     )
-    pipe.settings(args.steps, args.cfg, args.width, args.height, args.batch)  # fail before encoding
     result = pipe(
         prompt,
         seed=args.seed,

@@ -136,7 +136,8 @@ def load_bundle(path: str | Path) -> MumuBundle:
     try:
         states: tuple[dict, dict, dict] = ({}, {}, {})
         with safe_open(str(path), framework="pt") as f:
-            raw_meta = f.metadata() or {}
+            # Metadata first: a file without it is some other model, and that is the useful message.
+            meta = BundleMeta.from_metadata(f.metadata() or {}, path)
             for k in f.keys():
                 for state, prefix in zip(states, _PREFIXES):
                     if k.startswith(prefix):
@@ -150,7 +151,6 @@ def load_bundle(path: str | Path) -> MumuBundle:
         raise BundleError(
             f"{path} cannot be read as safetensors ({e}): it is corrupt or not {BUNDLE_HELP}"
         ) from e
-    meta = BundleMeta.from_metadata(raw_meta, path)
     bundle = MumuBundle(meta, *states)
     _check_connector_state(bundle, path)
     _check_lora_meta(bundle, path)

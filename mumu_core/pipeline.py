@@ -114,23 +114,7 @@ class MumuPipeline:
         height: int | None = None,
         batch: int = 1,
     ) -> GenerationSettings:
-        s = GenerationSettings(
-            steps=self.preset.num_inference_steps if steps is None else steps,
-            guidance=self.preset.guidance_scale if guidance is None else guidance,
-            width=self.preset.resolution if width is None else width,
-            height=self.preset.resolution if height is None else height,
-            batch=batch,
-        )
-        if not 1 <= s.steps <= 1000:
-            raise GenerationError(f"steps must be between 1 and 1000, got {s.steps}")
-        if not (s.guidance >= 0 and s.guidance < float("inf")):
-            raise GenerationError(f"guidance (CFG scale) must be a finite number >= 0, got {s.guidance}")
-        for name, v in (("width", s.width), ("height", s.height)):
-            if not (8 <= v <= MAX_SIDE) or v % 8:
-                raise GenerationError(f"{name} must be a multiple of 8 between 8 and {MAX_SIDE}, got {v}")
-        if not 1 <= s.batch <= MAX_BATCH:
-            raise GenerationError(f"batch must be between 1 and {MAX_BATCH}, got {s.batch}")
-        return s
+        return resolve_settings(self.preset, steps, guidance, width, height, batch)
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[InterleavedPrompt]) -> list[SDXLConditioning]:
@@ -207,3 +191,31 @@ class MumuPipeline:
         module.to(device)
         if device.type == "cpu" and torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def resolve_settings(
+    preset: Preset,
+    steps: int | None = None,
+    guidance: float | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    batch: int = 1,
+) -> GenerationSettings:
+    """Fill in the preset's defaults and check every number (before any model is loaded)."""
+    s = GenerationSettings(
+        steps=preset.num_inference_steps if steps is None else steps,
+        guidance=preset.guidance_scale if guidance is None else guidance,
+        width=preset.resolution if width is None else width,
+        height=preset.resolution if height is None else height,
+        batch=batch,
+    )
+    if not 1 <= s.steps <= 1000:
+        raise GenerationError(f"steps must be between 1 and 1000, got {s.steps}")
+    if not (s.guidance >= 0 and s.guidance < float("inf")):
+        raise GenerationError(f"guidance (CFG scale) must be a finite number >= 0, got {s.guidance}")
+    for name, v in (("width", s.width), ("height", s.height)):
+        if not (8 <= v <= MAX_SIDE) or v % 8:
+            raise GenerationError(f"{name} must be a multiple of 8 between 8 and {MAX_SIDE}, got {v}")
+    if not 1 <= s.batch <= MAX_BATCH:
+        raise GenerationError(f"batch must be between 1 and {MAX_BATCH}, got {s.batch}")
+    return s

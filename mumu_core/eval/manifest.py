@@ -153,7 +153,17 @@ def case_from_dict(d: dict, base: Path) -> EvalCase:
         raise ManifestError(f"case {cid!r}: unknown field(s) {unknown}; known fields: {sorted(known)}")
     if not isinstance(d.get("prompt"), str):
         raise ManifestError(f"case {cid!r}: 'prompt' (a string with <image> placeholders) is required")
+    for key, kind in (("phrases", str), ("seeds", int)):
+        v = d.get(key)
+        if v is not None and (not isinstance(v, list) or not all(isinstance(x, kind) for x in v)):
+            raise ManifestError(
+                f"case {cid!r}: {key!r} must be a list of {kind.__name__}s, one per reference/image"
+            )
     subj = d.get("subject_images")
+    if subj is not None and not isinstance(subj, list):
+        raise ManifestError(
+            f"case {cid!r}: 'subject_images' must be a list with one list of paths per reference"
+        )
     return EvalCase(
         id=str(cid) if cid is not None else "",
         prompt=d["prompt"],

@@ -119,6 +119,10 @@ def test_load_manifest_errors(tmp_path):
     )
     with pytest.raises(ManifestError, match="list"):
         load_manifest(p)
+    case = {"id": "a", "prompt": "<image> man", "references": ["r.png"], "phrases": "man"}
+    p.write_text(json.dumps({"format": "mumu-eval-manifest", "version": 1, "cases": [case]}))
+    with pytest.raises(ManifestError, match="list of strs"):
+        load_manifest(p)
 
 
 def _fake_dreambench(root):

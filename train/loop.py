@@ -10,7 +10,7 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -238,14 +238,20 @@ class StopFlag:
 # The run
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train according to ``cfg``. Returns a summary (rank 0's view)."""
+def run(cfg: TrainConfig, inspect: Callable[[Built], None] | None = None) -> dict[str, Any]:
+    """Train according to ``cfg``. Returns a summary (rank 0's view).
+
+    ``inspect`` is called on every rank with the trained (still sharded) model before the process
+    group closes: tests and notebooks use it to look at the weights the run produced.
+    """
     cfg.validate()
     with distributed() as (device, rank, world):
-        return _run(cfg, device, rank, world)
+        return _run(cfg, device, rank, world, inspect)
 
 
-def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> dict[str, Any]:
+def _run(
+    cfg: TrainConfig, device: torch.device, rank: int, world: int, inspect: Callable[[Built], None] | None
+) -> dict[str, Any]:
     from tqdm import tqdm
 
     def log(msg: str) -> None:
@@ -429,6 +435,8 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> dict[
                     break
                 if step % cfg.checkpoint.every == 0 or step == cfg.optim.max_steps:
                     save()
+        if inspect is not None:
+            inspect(built)
     finally:
         stream.close()
         bar.close()

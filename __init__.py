@@ -1,25 +1,31 @@
 """ComfyUI-MUMU: ComfyUI loads this file from ComfyUI/custom_nodes/<this folder>/.
 
-It only hands ComfyUI the V3 extension defined in nodes/extension.py.
+It only hands ComfyUI the V3 extension defined in nodes/extension.py. Imported outside ComfyUI (pytest
+treats this folder as a package, since it has this file), it defines nothing: there is no ComfyUI to
+register with.
 """
 
 import os
 import sys
 
-try:
-    import comfy_api.latest  # noqa: F401  (the V3 node API, ComfyUI >= 0.3.4x)
-except ImportError as e:
-    raise ImportError(
-        "ComfyUI-MUMU needs ComfyUI's V3 node API (comfy_api.latest), which this ComfyUI lacks: update ComfyUI "
-        "to 0.3.64 or newer (git pull, or the Manager's 'Update ComfyUI')."
-    ) from e
+# ComfyUI imports folder_paths and comfy before it loads custom nodes.
+_IN_COMFYUI = "folder_paths" in sys.modules and "comfy" in sys.modules
 
-# mumu_core sits next to this file and is imported by absolute name (it is also a standalone library).
-# Appended, not prepended, so that nothing here can shadow ComfyUI's own top-level modules.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.append(_HERE)
+if _IN_COMFYUI:
+    try:
+        import comfy_api.latest  # noqa: F401  (the V3 node API)
+    except ImportError as e:
+        raise ImportError(
+            "ComfyUI-MUMU needs ComfyUI's V3 node API (comfy_api.latest), which this ComfyUI lacks: update "
+            "ComfyUI to 0.3.64 or newer (git pull, or the Manager's 'Update ComfyUI')."
+        ) from e
 
-from .nodes.extension import comfy_entrypoint  # noqa: E402
+    # mumu_core sits next to this file and is imported by absolute name (it is also a standalone
+    # library). Appended, not prepended, so nothing here can shadow ComfyUI's own top-level modules.
+    _HERE = os.path.dirname(os.path.abspath(__file__))
+    if _HERE not in sys.path:
+        sys.path.append(_HERE)
 
-__all__ = ["comfy_entrypoint"]
+    from .nodes.extension import comfy_entrypoint  # noqa: F401
+
+    __all__ = ["comfy_entrypoint"]

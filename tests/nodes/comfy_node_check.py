@@ -1,0 +1,398 @@
+"""Run with a real ComfyUI's python: load the pack through ComfyUI's own loader, then run define_schema()
+and execute() of every MUMU node on tiny models, printing a JSON report on the last stdout line.
+
+usage: python comfy_node_check.py COMFYUI_DIR PACK_DIR MODELS_DIR VEGA_CKPT WORK_DIR
+
+MODELS_DIR comes from tests/nodes/nodes_models.py and is registered through a generated
+extra_model_paths.yaml, as a user's would be. tests/nodes/test_nodes_in_comfyui.py asserts on the report.
+Nothing here stubs ComfyUI: every call goes to the checkout at COMFYUI_DIR.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+
+
+def main() -> None:
+    comfy_dir, pack_dir, models_dir, vega_ckpt, work = (os.path.abspath(p) for p in sys.argv[1:6])
+    os.makedirs(work, exist_ok=True)
+    os.chdir(comfy_dir)
+    sys.path.insert(0, comfy_dir)
+    sys.argv = [sys.argv[0], "--cpu", "--output-directory", os.path.join(work, "output")]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+
+    logs: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logs.append(record.getMessage())
+
+    logging.getLogger().addHandler(Collect())
+    logging.getLogger().setLevel(logging.INFO)
+
+    import folder_paths
+    import utils.extra_config
+
+    yaml = os.path.join(work, "extra_model_paths.yaml")
+    subs = sorted(d for d in os.listdir(models_dir) if os.path.isdir(os.path.join(models_dir, d)))
+    with open(yaml, "w") as f:
+        f.write(f"test:\n  base_path: {models_dir}\n" + "".join(f"  {d}: {d}/\n" for d in subs))
+    utils.extra_config.load_extra_path_config(yaml)
+    # Exports go to the first loras folder; keep them out of the ComfyUI checkout.
+    folder_paths.add_model_folder_path("loras", os.path.join(work, "loras"), is_default=True)
+
+    import nodes as comfy_nodes
+
+    report: dict = {"checks": {}, "errors": []}
+    t0 = time.time()
+    ok = asyncio.run(comfy_nodes.load_custom_node(pack_dir))
+    report["loaded"] = bool(ok)
+    report["load_s"] = round(time.time() - t0, 2)
+    ours = {
+        k: v
+        for k, v in comfy_nodes.NODE_CLASS_MAPPINGS.items()
+        if getattr(v, "RELATIVE_PYTHON_MODULE", "").endswith(os.path.basename(pack_dir.rstrip("/")))
+    }
+    report["nodes"] = sorted(ours)
+
+    def check(name: str, fn) -> None:
+        try:
+            report["checks"][name] = fn()
+        except Exception as e:
+            report["errors"].append(
+                {"check": name, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()}
+            )
+
+    def run(node_id: str, **kwargs):
+        cls = comfy_nodes.NODE_CLASS_MAPPINGS[node_id]
+        clone = cls.PREPARE_CLASS_CLONE({})
+        return clone.EXECUTE_NORMALIZED(**kwargs)
+
+    def schemas():
+        out = {}
+        for node_id, cls in ours.items():
+            schema = cls.define_schema()
+            info = cls.GET_NODE_INFO_V1()  # what /object_info serves the frontend
+            out[node_id] = {
+                "display_name": schema.display_name,
+                "category": schema.category,
+                "inputs": [i.id for i in schema.inputs],
+                "input_types": {i.id: str(i.get_io_type()) for i in schema.inputs},
+                "outputs": [o.get_io_type() for o in schema.outputs],
+                "output_node": schema.is_output_node,
+                "required": sorted(info["input"].get("required", {})),
+            }
+        loader_info = ours["MUMULoader"].GET_NODE_INFO_V1()["input"]["required"]
+        out["_choices"] = {k: loader_info[k][1]["options"] for k in ("vlm", "bundle")}
+        return out
+
+    check("schemas", schemas)
+
+    def validation():
+        cls = ours["MUMULoader"]
+        return {
+            "good": cls.validate_inputs(vlm="idefics2-8b", bundle="mumu_sdxl.safetensors"),
+            "missing_vlm": cls.validate_inputs(vlm="nope-vlm", bundle="mumu_sdxl.safetensors"),
+            "missing_bundle": cls.validate_inputs(vlm="idefics2-8b", bundle="nope.safetensors"),
+        }
+
+    check("validation", validation)
+
+    import comfy.model_management as mm
+    import torch
+
+    state: dict = {}
+
+    def loader():
+        out = run(
+            "MUMULoader",
+            vlm="idefics2-8b",
+            bundle="mumu_sdxl.safetensors",
+            dtype="auto",
+            device="offload after encoding",
+        )
+        model = out.args[0]
+        state["model"] = model
+        p = model.patcher
+        return {
+            "type": type(model).__name__,
+            "patcher": type(p).__module__ + "." + type(p).__name__,
+            "load_device": str(p.load_device),
+            "offload_device": str(p.offload_device),
+            "tokens_per_image": model.meta.tokens_per_image,
+            "negative_pooled": model.meta.negative_pooled,
+        }
+
+    check("loader", loader)
+
+    g = torch.Generator().manual_seed(0)
+    man, dog, style = (torch.rand(1, h, w, 3, generator=g) for h, w in ((40, 30), (32, 48), (36, 36)))
+    text = "a <image1> man and his <image2> dog in an <image3> animated style"
+
+    def prompt():
+        out = run(
+            "MUMUPromptBuilder", text=text, image1=man, image2=dog, image3=style, tokens3="64", weight2=0.5
+        )
+        spec = out.args[0]
+        state["spec"] = spec
+        errors = {}
+        for name, kwargs in {
+            "too_few_images": dict(text=text, image1=man, image2=dog),
+            "gap": dict(text="a <image> man", image2=man),
+            "mask_lo": dict(text="a <image> man", image1=man, mask1=torch.zeros(1, 64, 64)),
+            "batches": dict(
+                text="<image> and <image>", image1=man.repeat(2, 1, 1, 1), image2=dog.repeat(3, 1, 1, 1)
+            ),
+        }.items():
+            try:
+                run("MUMUPromptBuilder", **kwargs)
+                errors[name] = None
+            except Exception as e:
+                errors[name] = f"{type(e).__name__}: {e}"
+        return {"type": type(spec).__name__, "batch": spec.batch, "slots": len(spec.slots), "errors": errors}
+
+    check("prompt", prompt)
+
+    calls = {"n": 0}
+
+    def encoder():
+        model = state["model"]
+        conditioner = model.patcher.model
+        original = conditioner.encoder.forward
+
+        def counted(*a, **k):
+            calls["n"] += 1
+            return original(*a, **k)
+
+        conditioner.encoder.forward = counted
+        out = run(
+            "MUMUEncoder",
+            mumu_model=model,
+            mumu_prompt=state["spec"],
+            width=64,
+            height=64,
+            crop_w=0,
+            crop_h=0,
+            target_width=64,
+            target_height=64,
+        )
+        positive, negative = out.args
+        loaded_after = any(m.model is model.patcher for m in mm.current_loaded_models)
+        first_calls = calls["n"]
+        out2 = run(
+            "MUMUEncoder",
+            mumu_model=model,
+            mumu_prompt=state["spec"],
+            width=64,
+            height=64,
+            crop_w=0,
+            crop_h=0,
+            target_width=64,
+            target_height=64,
+        )
+        # The pack's own structure check, as imported by ComfyUI (module name = the pack's path).
+        fmt = next(m for n, m in sys.modules.items() if n.endswith(".nodes.conditioning_format"))
+        fmt.check_comfy_conditioning(positive)
+        fmt.check_comfy_conditioning(negative)
+        state["positive"], state["negative"] = positive, negative
+
+        def describe(cond):
+            return [
+                {
+                    "context": list(c.shape),
+                    "dtype": str(c.dtype),
+                    "device": str(c.device),
+                    "keys": sorted(d),
+                    "pooled": list(d["pooled_output"].shape),
+                    "sizes": {k: d[k] for k in sorted(d) if k != "pooled_output"},
+                    "abs_sum": float(c.abs().sum()),
+                    "pooled_abs_sum": float(d["pooled_output"].abs().sum()),
+                }
+                for c, d in cond
+            ]
+
+        return {
+            "positive": describe(positive),
+            "negative": describe(negative),
+            "vlm_calls_first": first_calls,
+            "vlm_calls_second": calls["n"] - first_calls,
+            "same_output_second": bool(torch.equal(out2.args[0][0][0], positive[0][0])),
+            "patcher_loaded_after_encode": loaded_after,
+            "positive_is_negative_shape": [list(positive[0][0].shape), list(negative[0][0].shape)],
+        }
+
+    check("encoder", encoder)
+
+    def batch_encode():
+        spec = run(
+            "MUMUPromptBuilder", text="a <image> man with <image>", image1=man.repeat(2, 1, 1, 1), image2=dog
+        ).args[0]
+        pos, neg = run(
+            "MUMUEncoder",
+            mumu_model=state["model"],
+            mumu_prompt=spec,
+            width=64,
+            height=64,
+            crop_w=0,
+            crop_h=0,
+            target_width=64,
+            target_height=64,
+        ).args
+        return {
+            "positive": list(pos[0][0].shape),
+            "pooled": list(pos[0][1]["pooled_output"].shape),
+            "negative": list(neg[0][0].shape),
+        }
+
+    check("batch_encode", batch_encode)
+
+    import comfy.sd
+    import comfy.utils
+
+    def vega():
+        t = time.time()
+        model = comfy.sd.load_checkpoint_guess_config(vega_ckpt, output_vae=False, output_clip=False)[0]
+        state["vega"] = model
+        return {"class": type(model.model).__name__, "load_s": round(time.time() - t, 1)}
+
+    check("vega", vega)
+
+    def sample():
+        latent = {"samples": torch.zeros(1, 4, 8, 8)}
+        t = time.time()
+        out = comfy_nodes.common_ksampler(
+            state["vega"], 0, 2, 5.0, "ddim", "normal", state["positive"], state["negative"], latent
+        )[0]
+        s = out["samples"]
+        return {
+            "shape": list(s.shape),
+            "finite": bool(torch.isfinite(s).all()),
+            "s": round(time.time() - t, 1),
+        }
+
+    check("sample", sample)
+
+    def lora_merge():
+        before = len([m for m in logs if "lora key not loaded" in m])
+        merged = run("MUMULoraMerge", model=state["vega"], bundle="mumu_sdxl.safetensors", strength=1.0).args[
+            0
+        ]
+        after = len([m for m in logs if "lora key not loaded" in m])
+        bundle_mod = next(m for n, m in sys.modules.items() if n.endswith(".nodes.lora"))
+        from mumu_core.bundle import kohya_unet_lora, load_bundle
+
+        n_modules = len(
+            {
+                k.split(".")[0]
+                for k in kohya_unet_lora(
+                    load_bundle(os.path.join(models_dir, "mumu", "mumu_sdxl.safetensors"))
+                )
+            }
+        )
+        return {
+            "class": type(merged).__name__,
+            "patched_keys": len(merged.patches),
+            "lora_modules": n_modules,
+            "rejected_keys": after - before,
+            "is_clone": merged is not state["vega"] and merged.is_clone(state["vega"]),
+            "module": bundle_mod.__name__.split(".")[-1],
+        }
+
+    check("lora_merge", lora_merge)
+
+    def not_sdxl():
+        import comfy.model_patcher
+        import comfy.supported_models
+
+        # A real (small) SD1.x-style ComfyUI model: same classes as SD1.5, fewer channels.
+        unet_config = {
+            "context_dim": 768,
+            "model_channels": 32,
+            "use_linear_in_transformer": False,
+            "adm_in_channels": None,
+            "use_temporal_attention": False,
+            "in_channels": 4,
+            "out_channels": 4,
+            "num_res_blocks": [1, 1],
+            "channel_mult": [1, 2],
+            "transformer_depth": [1, 1],
+            "transformer_depth_output": [1, 1, 1, 1],
+            "transformer_depth_middle": 1,
+            "image_size": 32,
+            "use_spatial_transformer": True,
+            "legacy": False,
+            "num_head_channels": -1,
+            "num_heads": 8,
+            "use_temporal_resblock": False,
+            "use_checkpoint": False,
+        }
+        cfg = comfy.supported_models.SD15(unet_config)
+        base = cfg.get_model({})
+        sd15 = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+        try:
+            run("MUMULoraMerge", model=sd15, bundle="mumu_sdxl.safetensors", strength=1.0)
+            return {"error": None}
+        except Exception as e:
+            return {"error": f"{type(e).__name__}: {e}"}
+
+    check("not_sdxl", not_sdxl)
+
+    def save_lora():
+        out = run("MUMUSaveLora", bundle="mumu_sdxl.safetensors", filename_prefix="mumu/test_lora")
+        path = out.args[0]
+        lora = comfy.utils.load_torch_file(path, safe_load=True)
+        before = len([m for m in logs if "lora key not loaded" in m])
+        # The stock LoraLoaderModelOnly node on the exported file.
+        stock = comfy_nodes.LoraLoaderModelOnly()
+        folder_paths.filename_list_cache.clear()
+        name = os.path.relpath(path, folder_paths.get_folder_paths("loras")[0])
+        patched = stock.load_lora_model_only(state["vega"], name, 1.0)[0]
+        after = len([m for m in logs if "lora key not loaded" in m])
+        return {
+            "path": path,
+            "in_loras": path.startswith(os.path.join(work, "loras")),
+            "keys": len(lora),
+            "all_kohya": all(k.startswith("lora_unet_") for k in lora),
+            "patched_keys": len(patched.patches),
+            "rejected_keys": after - before,
+            "ui": out.ui.as_dict() if hasattr(out.ui, "as_dict") else out.ui,
+        }
+
+    check("save_lora", save_lora)
+
+    def interrupt():
+        spec = run("MUMUPromptBuilder", text="an interrupted <image>", image1=style).args[0]
+        mm.interrupt_current_processing(True)
+        try:
+            run(
+                "MUMUEncoder",
+                mumu_model=state["model"],
+                mumu_prompt=spec,
+                width=64,
+                height=64,
+                crop_w=0,
+                crop_h=0,
+                target_width=64,
+                target_height=64,
+            )
+            return {"raised": None}
+        except mm.InterruptProcessingException:
+            return {"raised": "InterruptProcessingException"}
+        finally:
+            mm.interrupt_current_processing(False)
+
+    check("interrupt", interrupt)
+    report["logs_tail"] = logs[-20:]
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -84,7 +84,10 @@ def write_results(
     return paths
 
 
-def _thumb(path: str | Path, boxes: Sequence[Sequence[float]] = ()) -> Image.Image:
+OBJECT_COLOUR, FACE_COLOUR = (255, 40, 40), (40, 200, 255)
+
+
+def _thumb(path: str | Path, boxes: Sequence[tuple[Sequence[float], tuple]] = ()) -> Image.Image:
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -94,15 +97,17 @@ def _thumb(path: str | Path, boxes: Sequence[Sequence[float]] = ()) -> Image.Ima
     scale = THUMB / max(im.size)
     t = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))))
     draw = ImageDraw.Draw(t)
-    for b in boxes:
-        draw.rectangle([v * scale for v in b], outline=(255, 40, 40), width=2)
+    for b, colour in boxes:
+        draw.rectangle([v * scale for v in b], outline=colour, width=2)
     canvas = Image.new("RGB", (THUMB, THUMB), (32, 32, 32))
     canvas.paste(t, ((THUMB - t.width) // 2, (THUMB - t.height) // 2))
     return canvas
 
 
 def _image_boxes(img) -> list:
-    return [o["box"] for o in img.objects if o["found"]] + [f["box"] for f in img.faces if f["found"]]
+    return [(o["box"], OBJECT_COLOUR) for o in img.objects if o["found"]] + [
+        (f["box"], FACE_COLOUR) for f in img.faces if f["found"]
+    ]
 
 
 def _caption_parts(img) -> list[str]:
@@ -119,7 +124,7 @@ def _image_caption(img) -> str:
 
 
 def write_html(results: Sequence[CaseScores], agg: dict, out: Path) -> Path:
-    """A page of references beside outputs (found boxes drawn in red) with their scores."""
+    """A page of references beside outputs (matched objects in red, faces in blue) with their scores."""
     thumbs = out / "thumbs"
     thumbs.mkdir(exist_ok=True)
     rows = []
@@ -154,7 +159,7 @@ td{{border:1px solid #444;padding:2px 8px}} .row{{display:flex;flex-wrap:wrap;ga
 figure{{margin:0;width:{THUMB}px}} figcaption{{font-size:11px}} .ref img{{outline:2px solid #4a4}}
 .prompt{{font-style:italic}}</style></head><body><h1>MUMU evaluation</h1>
 <h2>Aggregate (mean over generated images)</h2><table>{agg_rows}</table>
-<p>References have a green frame; red boxes are matched objects/faces.</p>{"".join(rows)}</body></html>
+<p>References have a green frame; red boxes are matched objects, blue boxes matched faces.</p>{"".join(rows)}</body></html>
 """
     path = out / "report.html"
     path.write_text(page)

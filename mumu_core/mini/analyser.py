@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import sys
 import time
@@ -395,11 +396,20 @@ class Analyser:
 
 
 def _augment(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Mild degradations a small diffusion model produces: blur, noise, contrast/brightness drift."""
+    """Mild degradations a small diffusion model produces: blur, JPEG chroma smear (a model trained on
+    JPEG-stored shards learns to reproduce it), noise, contrast/brightness drift."""
     img = Image.fromarray(rgb, mode="RGB")
     r = rng.random()
-    if r < 0.35:
+    if r < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 0.8))))
+    elif r < 0.6:
+        buf = io.BytesIO()
+        # Mostly 4:4:4 (what mini shards should use); some 4:2:0, whose 2x2 chroma blocks smear colour
+        # across the gap between two objects at 24 px.
+        img.save(
+            buf, format="JPEG", quality=int(rng.integers(85, 96)), subsampling=0 if rng.random() < 0.67 else 2
+        )
+        img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
     x = np.asarray(img, np.float32)
     if rng.random() < 0.5:
         x = x * rng.uniform(0.85, 1.1) + rng.uniform(-12, 12)

@@ -53,8 +53,9 @@ class WorldConfig:
     max_size: int = 14
     # Probability that a scene has two objects (when the caller does not fix the count).
     p_two_objects: float = 0.5
-    # Pixels of background kept between two objects, so they never touch in ground truth.
-    gap: int = 1
+    # Pixels of background kept between two objects, so they never touch in ground truth and stay
+    # separable after a model's (or JPEG's) blur.
+    gap: int = 2
     # Probability that the caption names the background style ("a shape on a gradient background").
     p_style_word: float = 0.5
     # Smallest object-free square that counts as a background (style) reference box.

@@ -522,3 +522,33 @@ def known_boxes_records(
     """Records of scenes [start, start + count) of `split`, keys "mini-<split>-<index>"."""
     for i in range(start, start + count):
         yield known_boxes_record(scene_at(split, i, cfg), f"mini-{split}-{i:08d}", include_background)
+
+
+# ------------------------------------------------------------------------------ bootstrapping bridge
+
+
+def bootstrap_source(
+    split: str = "train",
+    count: int = 1000,
+    start: int = 0,
+    cfg: WorldConfig = DEFAULT_WORLD,
+    images_per_part: int = 1000,
+    include_background: bool = True,
+):
+    """A `mumu_core.data.sources.KnownBoxesSource` over scenes [start, start + count) of `split`."""
+    from ..data.sources import KnownBoxesSource
+
+    records = known_boxes_records(split, count, start, cfg, include_background)
+    return KnownBoxesSource(list(records), images_per_part=images_per_part, name=f"mini-{split}")
+
+
+def bootstrap_config(cfg: WorldConfig = DEFAULT_WORLD, **overrides: object):
+    """The paper's crop rules at the mini world's scale: the smallest object is the smallest crop.
+
+    No control images and no head detection (there are no people and no detector in the mini world).
+    """
+    from ..data.config import BootstrapConfig
+
+    kwargs: dict[str, object] = {"min_crop_side": cfg.min_size, "controls": (), "head_detection": False}
+    kwargs.update(overrides)
+    return BootstrapConfig(**kwargs)  # type: ignore[arg-type]

@@ -128,3 +128,36 @@ def test_known_boxes_records_feed_the_data_source() -> None:
     src = sources.KnownBoxesSource(records, images_per_part=8)
     items = [it for p in range(src.num_parts()) for it in src.read_part(p)]
     assert len(items) == 20 and items[0].objects and items[0].caption == records[0]["caption"]
+
+
+def test_bootstrap_through_the_data_pipeline(tmp_path) -> None:
+    pytest.importorskip("mumu_core.data.pipeline")
+    import json
+
+    from mumu_core.data.pipeline import bootstrap
+    from mumu_core.data.shards import iter_samples
+
+    manifest = bootstrap(
+        W.bootstrap_source("train", 10, images_per_part=5), tmp_path, W.bootstrap_config(), progress=False
+    )
+    assert manifest["filter"]["too_small"] == 0 and manifest["filter"]["kept"] > 10
+    samples = list(iter_samples(tmp_path))
+    assert len(samples) == 10
+    for sample in samples:
+        rec = json.loads(sample["json"])
+        scene = W.scene_at("train", int(rec["source_key"].rsplit("-", 1)[1]))
+        assert rec["caption"] == scene.caption
+        assert [o["label"] for o in rec["objects"] if o["phrase"] != "background"] == [
+            o.label for o in scene.objects
+        ]
+        assert all(o["kept"] and f"{o['crop']}" in sample for o in rec["objects"])
+
+
+def test_preview_cli(tmp_path, capsys) -> None:
+    from mumu_core.mini.__main__ import main
+
+    assert main(["preview", "--out", str(tmp_path / "p.png"), "--rows", "3"]) == 0
+    assert "background" in capsys.readouterr().out
+    from PIL import Image
+
+    assert Image.open(tmp_path / "p.png").size == (3 * 24 * 4, 3 * 24 * 4)

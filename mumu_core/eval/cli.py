@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--generate-cmd", default="python -m mumu_core generate")
     pl.add_argument(
+        "--generate-arg",
+        action="append",
+        default=[],
+        dest="generate_args",
+        help="argument added to every generate command after the suite's (repeat), e.g. --generate-arg=--vlm=models/idefics2-8b",
+    )
+    pl.add_argument(
         "--overwrite", action="store_true", help="generate.sh regenerates images that already exist"
     )
     return p
@@ -189,10 +196,16 @@ def _dreambench(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
-    manifest, commands = plan_suite(suite, args.out / "generated", args.generate_cmd)
+    manifest, jobs = plan_suite(suite, args.out / "generated")
     mpath = save_manifest(manifest, args.out / "manifest.json")
-    spath = write_generate_script(commands, args.out / "generate.sh", skip_existing=not args.overwrite)
-    print(f"wrote {mpath} ({len(manifest.cases)} cases) and {spath} ({len(commands)} generate commands)")
+    spath = write_generate_script(
+        jobs,
+        args.out / "generate.sh",
+        args.generate_cmd,
+        args.generate_args,
+        skip_existing=not args.overwrite,
+    )
+    print(f"wrote {mpath} ({len(manifest.cases)} cases) and {spath} ({len(jobs)} generate commands)")
     print(
         f"next: bash {spath} && python -m mumu_core.eval run --manifest {mpath} --out {args.out / 'results'} ..."
     )

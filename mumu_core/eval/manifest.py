@@ -471,17 +471,23 @@ def dreambench_suite(dataset_dir: str | Path, seeds: Sequence[int] = DEFAULT_SEE
     )
 
 
-def plan_suite(
-    suite: Suite, out_dir: str | Path, generate_cmd: str = "python -m mumu_core generate"
-) -> tuple[Manifest, list[str]]:
-    """Expand the suite into one case per (subject, prompt) and one generate command per seed.
+@dataclass(frozen=True)
+class GenerateJob:
+    """One image to generate: the generator's arguments (without ``--out``) and the file it must become."""
 
-    Generated images are named ``<out_dir>/<subject>/<prompt index>_s<seed>.png``. The commands use
-    absolute paths so that the script runs from any working directory.
+    out: Path
+    argv: tuple[str, ...]
+
+
+def plan_suite(suite: Suite, out_dir: str | Path) -> tuple[Manifest, list[GenerateJob]]:
+    """Expand the suite into one case per (subject, prompt) and one generate job per seed.
+
+    Generated images are named ``<out_dir>/<subject>/<prompt index>_s<seed>.png``. Paths are
+    absolute so that the script runs from any working directory.
     """
     out_dir = Path(out_dir).resolve()
     cases: list[EvalCase] = []
-    commands: list[str] = []
+    jobs: list[GenerateJob] = []
     for s in suite.subjects:
         templates = suite.live_prompts if s.live else suite.object_prompts
         ref = s.images[suite.reference_index].resolve()
@@ -502,26 +508,42 @@ def plan_suite(
                 )
             )
             for seed, g in zip(suite.seeds, gen):
-                args = [
-                    "--prompt", prompt, "--image", str(ref), "--seed", str(seed), "--out", str(g),
-                    *suite.generate_args,
-                ]  # fmt: skip
-                commands.append(f"{generate_cmd} {shlex.join(args)}")
-    return Manifest(tuple(cases), name=suite.name), commands
+                argv = ("--prompt", prompt, "--image", str(ref), "--seed", str(seed), *suite.generate_args)
+                jobs.append(GenerateJob(g, argv))
+    return Manifest(tuple(cases), name=suite.name), jobs
 
 
-def write_generate_script(commands: Sequence[str], path: str | Path, skip_existing: bool = True) -> Path:
-    """A bash script with one generate command per image; reruns skip images that already exist."""
+def write_generate_script(
+    jobs: Sequence[GenerateJob],
+    path: str | Path,
+    generate_cmd: str = "python -m mumu_core generate",
+    extra_args: Sequence[str] = (),
+    skip_existing: bool = True,
+) -> Path:
+    """A bash script with one generate command per image.
+
+    ``python -m mumu_core generate --out`` takes a folder and names its PNGs itself, so each command
+    writes into a fresh temporary folder next to the target and its single PNG is renamed to the
+    planned name; the rename is atomic, so an interrupted run never leaves a partial image, and
+    reruns skip images that already exist (unless ``skip_existing`` is False).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["#!/usr/bin/env bash", "# Written by: python -m mumu_core.eval plan", "set -euo pipefail", ""]
-    for cmd in commands:
-        out = shlex.split(cmd)[shlex.split(cmd).index("--out") + 1]
-        parent = shlex.quote(str(Path(out).parent))
-        if skip_existing:
-            lines.append(f"[ -f {shlex.quote(out)} ] || {{ mkdir -p {parent} && {cmd}; }}")
-        else:
-            lines.append(f"mkdir -p {parent} && {cmd}")
+    lines = [
+        "#!/usr/bin/env bash",
+        "# Written by: python -m mumu_core.eval plan. One image per line; rerun to resume.",
+        "set -euo pipefail",
+        "",
+    ]
+    extra = shlex.join(extra_args)
+    for job in jobs:
+        out, parent = shlex.quote(str(job.out)), shlex.quote(str(job.out.parent))
+        cmd = f"{generate_cmd} {shlex.join(job.argv)}" + (f" {extra}" if extra else "")
+        body = (
+            f'mkdir -p {parent} && d=$(mktemp -d {parent}/.gen.XXXXXX) && {cmd} --out "$d" && '
+            f'mv "$d"/*.png {out} && rmdir "$d"'
+        )
+        lines.append(f"[ -f {out} ] || {{ {body}; }}" if skip_existing else f"{{ {body}; }}")
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o755)
     return path

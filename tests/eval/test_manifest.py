@@ -141,9 +141,9 @@ def test_dreambench_suite_plan_and_script(tmp_path):
     spath = save_suite(suite, tmp_path / "suite.json")
     assert load_suite(spath) == suite
 
-    manifest, commands = plan_suite(suite, tmp_path / "run" / "generated")
+    manifest, jobs = plan_suite(suite, tmp_path / "run" / "generated")
     assert len(manifest.cases) == 750  # 30 subjects x 25 prompts, DreamBench's protocol
-    assert len(commands) == 1500
+    assert len(jobs) == 1500
     bear = next(c for c in manifest.cases if c.id == "bear_plushie-00")
     assert bear.prompt == "a <image> stuffed animal in the jungle"
     assert bear.object_phrases() == ["stuffed animal"]
@@ -151,14 +151,26 @@ def test_dreambench_suite_plan_and_script(tmp_path):
     assert len(bear.subject_images[0]) == 2 and bear.group == "bear_plushie" and bear.seeds == (0, 1)
     dog = [c for c in manifest.cases if c.group == "dog"]
     assert any("santa hat" in c.prompt for c in dog)  # live subjects get the live prompt list
-    assert "'a <image> stuffed animal in the jungle'" in commands[100]
-    assert "--seed 0" in commands[100] and commands[100].endswith("--steps 30")
+    job = jobs[100]  # backpack and backpack_dog come first: 2 x 25 prompts x 2 seeds
+    assert job.out == bear.generated[0]
+    assert job.argv == (
+        "--prompt",
+        bear.prompt,
+        "--image",
+        str(bear.references[0]),
+        "--seed",
+        "0",
+        "--steps",
+        "30",
+    )
 
     mpath = save_manifest(manifest, tmp_path / "run" / "manifest.json")
     assert load_manifest(mpath) == manifest
-    script = write_generate_script(commands, tmp_path / "run" / "generate.sh").read_text()
-    assert script.count("python -m mumu_core generate") == 1500
-    assert "[ -f " in script  # reruns skip images that exist
+    script = write_generate_script(jobs, tmp_path / "run" / "generate.sh", extra_args=("--vlm", "my vlm"))
+    lines = script.read_text().splitlines()
+    assert sum("python -m mumu_core generate" in line for line in lines) == 1500
+    assert "--steps 30 --vlm 'my vlm' --out" in lines[4 + 100]
+    assert lines[4].startswith("[ -f ")  # reruns skip images that exist
 
 
 def test_dreambench_suite_needs_every_subject(tmp_path):

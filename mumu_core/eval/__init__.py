@@ -4,6 +4,7 @@ plans work without loading any weights."""
 
 from mumu_core.eval.manifest import (
     EvalCase,
+    GenerateJob,
     Manifest,
     ManifestError,
     Suite,
@@ -12,6 +13,7 @@ from mumu_core.eval.manifest import (
     plan_suite,
     save_manifest,
     save_suite,
+    write_generate_script,
 )
 from mumu_core.eval.metrics import METRICS, CaseScores, Evaluator, ImageScores, aggregate
 
@@ -19,6 +21,7 @@ __all__ = [
     "METRICS",
     "CaseScores",
     "EvalCase",
+    "GenerateJob",
     "Evaluator",
     "ImageScores",
     "Manifest",
@@ -30,4 +33,5 @@ __all__ = [
     "plan_suite",
     "save_manifest",
     "save_suite",
+    "write_generate_script",
 ]

@@ -75,8 +75,9 @@ def _prompt_strip(sample: dict, rec: dict, width: int, crop_side: int = 72) -> I
             grown.paste(canvas)
             canvas, draw = grown, ImageDraw.Draw(grown)
         if isinstance(it, Image.Image):
-            canvas.paste(it, (x, y + (crop_side - it.height) // 2))
-            draw.rectangle((x - 1, y - 1, x + it.width, y + it.height), outline=(40, 200, 60))
+            top = y + (crop_side - it.height) // 2
+            canvas.paste(it, (x, top))
+            draw.rectangle((x - 1, top - 1, x + it.width, top + it.height), outline=_KEPT)
         else:
             draw.text((x, y + crop_side // 2 - 10), it, fill="black", font=font)
         x += w

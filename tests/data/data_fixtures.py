@@ -1,6 +1,4 @@
-"""Helpers for the bootstrap tests: tiny random GroundingDINO / depth models built from the same
-transformers classes as the real ones (saved with save_pretrained, loaded through our loaders),
-and a synthetic image set."""
+"""Helpers for the bootstrap tests: the tiny model folders (mumu_core.data.tiny) and synthetic images."""
 
 from __future__ import annotations
 
@@ -10,104 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-VOCAB = (
-    "[PAD] [UNK] [CLS] [SEP] [MASK] . , a an the and his her man woman dog cat red car head face person "
-    "tree ball bench on with of girl boy sky blue big"
-).split()
-
-
-def tiny_gdino_folder(folder: Path) -> Path:
-    from transformers import (
-        BertConfig,
-        BertTokenizerFast,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessor,
-        GroundingDinoProcessor,
-        SwinConfig,
-    )
-
-    folder.mkdir(parents=True, exist_ok=True)
-    swin = SwinConfig(
-        image_size=64,
-        patch_size=4,
-        embed_dim=8,
-        depths=[1, 1, 1, 1],
-        num_heads=[1, 1, 1, 1],
-        window_size=2,
-        out_indices=[2, 3, 4],
-    )
-    bert = BertConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-    )
-    cfg = GroundingDinoConfig(
-        backbone_config=swin,
-        text_config=bert,
-        num_queries=30,
-        encoder_layers=1,
-        decoder_layers=2,  # 1 breaks the tied bbox_embed keys in transformers 5
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        d_model=32,  # GroupNorm(32, d_model) needs a multiple of 32
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_n_points=2,
-        decoder_n_points=2,
-        max_text_len=32,
-    )
-    import torch
-
-    torch.manual_seed(0)
-    GroundingDinoForObjectDetection(cfg).save_pretrained(folder)
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    # transformers 5 takes the vocab file path as `vocab` (the old `vocab_file` kwarg is ignored).
-    tok = BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True)
-    ip = GroundingDinoImageProcessor(size={"shortest_edge": 96, "longest_edge": 128})
-    GroundingDinoProcessor(image_processor=ip, tokenizer=tok).save_pretrained(folder)
-    return folder
-
-
-def tiny_depth_folder(folder: Path) -> Path:
-    import torch
-    from transformers import (
-        DepthAnythingConfig,
-        DepthAnythingForDepthEstimation,
-        Dinov2Config,
-        DPTImageProcessor,
-    )
-
-    folder.mkdir(parents=True, exist_ok=True)
-    backbone = Dinov2Config(
-        image_size=28,
-        patch_size=14,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        out_features=["stage1", "stage2"],
-        reshape_hidden_states=False,
-    )
-    cfg = DepthAnythingConfig(
-        backbone_config=backbone,
-        reassemble_hidden_size=16,
-        neck_hidden_sizes=[8, 16],
-        fusion_hidden_size=8,
-        head_hidden_size=8,
-        patch_size=14,
-        reassemble_factors=[2, 1],
-    )
-    torch.manual_seed(0)
-    DepthAnythingForDepthEstimation(cfg).save_pretrained(folder)
-    # Same processor settings as Depth Anything (keep aspect, multiple of 14), at a tiny size.
-    DPTImageProcessor(
-        size={"height": 28, "width": 28}, keep_aspect_ratio=True, ensure_multiple_of=14
-    ).save_pretrained(folder)
-    return folder
+from mumu_core.data.tiny import build_tiny_depth, build_tiny_grounding_dino
 
 
 def synth_image(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -126,3 +27,11 @@ def jpeg_bytes(im: Image.Image) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+def tiny_gdino_folder(folder: Path) -> Path:
+    return build_tiny_grounding_dino(folder)
+
+
+def tiny_depth_folder(folder: Path) -> Path:
+    return build_tiny_depth(folder)

@@ -1,0 +1,85 @@
+"""Fixtures for the tests that need a real ComfyUI (skipped, with the reason, where there is none).
+
+Environment:
+- MUMU_COMFYUI_DIR: a ComfyUI checkout (the folder with main.py);
+- MUMU_COMFYUI_PYTHON: the python of its venv (torch, torchvision, transformers, diffusers, peft);
+- MUMU_TEST_SDXL_CKPT: optional, a random (or real) SDXL-family checkpoint; else the harness's
+  make_ckpt.py writes a random Segmind Vega one (1.7 GB) into ~/.cache/comfyui-mumu-tests/ once;
+- MUMU_COMFY_HARNESS: the comfy-harness folder (default: ../shared/comfy-harness next to the repo).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class ComfyEnv:
+    comfy_dir: Path
+    python: Path
+    harness: Path
+
+
+@pytest.fixture(scope="session")
+def comfy_env() -> ComfyEnv:
+    comfy_dir = os.environ.get("MUMU_COMFYUI_DIR")
+    python = os.environ.get("MUMU_COMFYUI_PYTHON")
+    if not comfy_dir or not python:
+        pytest.skip(
+            "needs a real ComfyUI: set MUMU_COMFYUI_DIR (checkout) and MUMU_COMFYUI_PYTHON (its venv python)"
+        )
+    comfy, py = Path(comfy_dir), Path(python)
+    if not (comfy / "main.py").is_file():
+        pytest.fail(f"MUMU_COMFYUI_DIR={comfy} has no main.py: point it at the ComfyUI folder")
+    if not py.is_file():
+        pytest.fail(f"MUMU_COMFYUI_PYTHON={py} does not exist")
+    harness = Path(os.environ.get("MUMU_COMFY_HARNESS", REPO.parent / "shared" / "comfy-harness"))
+    return ComfyEnv(comfy, py, harness)
+
+
+@pytest.fixture(scope="session")
+def sdxl_checkpoint(comfy_env: ComfyEnv) -> Path:
+    env = os.environ.get("MUMU_TEST_SDXL_CKPT")
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            pytest.fail(f"MUMU_TEST_SDXL_CKPT={path} does not exist")
+        return path
+    path = Path.home() / ".cache" / "comfyui-mumu-tests" / "vega_random.safetensors"
+    if not path.is_file():
+        script = comfy_env.harness / "testdata" / "make_ckpt.py"
+        if not script.is_file():
+            pytest.skip(
+                f"no SDXL checkpoint: set MUMU_TEST_SDXL_CKPT or MUMU_COMFY_HARNESS ({script} missing)"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        subprocess.run(
+            [
+                str(comfy_env.python),
+                str(script),
+                "--comfy",
+                str(comfy_env.comfy_dir),
+                "--variant",
+                "vega",
+                "--out",
+                str(tmp),
+            ],
+            check=True,
+        )
+        tmp.rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def comfy_models(tmp_path_factory, sdxl_checkpoint: Path) -> Path:
+    from nodes_models import build_comfy_models
+
+    return build_comfy_models(tmp_path_factory.mktemp("comfy_models"), sdxl_checkpoint)

@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     b.add_argument("--executor", choices=["local", "ray"], default="local")
     b.add_argument("--ray-address", help="join a running Ray cluster (implies --executor ray)")
-    b.add_argument("--num-workers", type=int, default=1, help="Ray actors (default 1; on GPUs: one per GPU)")
+    b.add_argument("--num-workers", type=int, help="Ray actors (default: one per GPU, or 1 without GPUs)")
     b.add_argument("--batch-size", type=int, default=d.batch_size)
     b.add_argument("--images-per-part", type=int, default=d.images_per_part)
     b.add_argument("--min-crop-side", type=int, default=d.min_crop_side)

@@ -392,7 +392,7 @@ def _run_ray(source, todo, out_dir, cfg, need_detector, progress, ray_address, n
         if ray_address:
             ray.init(address=ray_address)
         else:
-            ray.init(num_cpus=max(1, num_workers), include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=max(1, num_workers or 1), include_dashboard=False, log_to_driver=False)
         started_here = True
     try:
         ctx = ray.data.DataContext.get_current()
@@ -404,7 +404,7 @@ def _run_ray(source, todo, out_dir, cfg, need_detector, progress, ray_address, n
                 {"num_gpus": 1, "num_cpus": 1},
             )
         else:
-            workers, per_actor = max(1, num_workers), {"num_cpus": 1}
+            workers, per_actor = max(1, num_workers or 1), {"num_cpus": 1}
         ds = ray.data.from_items([{"part": i} for i in todo], override_num_blocks=max(1, len(todo)))
         ds = ds.map_batches(
             _RayPartWorker,
@@ -438,14 +438,15 @@ def bootstrap(
     cfg: BootstrapConfig | None = None,
     executor: str = "local",
     ray_address: str | None = None,
-    num_workers: int = 1,
+    num_workers: int | None = None,
     progress: bool = True,
     models: Models | None = None,
 ) -> dict:
     """Bootstrap ``source`` into webdataset shards under ``out_dir``; return the manifest.
 
     Finished parts (shard + statistics present, same config fingerprint) are skipped, so an
-    interrupted job is resumed by running the same command again. ``models`` lets tests and
+    interrupted job is resumed by running the same command again. ``num_workers`` (Ray only):
+    None = one actor per GPU on a GPU cluster, else 1. ``models`` lets tests and
     callers pass already-loaded models to the local executor.
     """
     cfg = (cfg or BootstrapConfig()).validate()

@@ -205,20 +205,21 @@ def _separated(a: Box, b: Box, gap: int) -> bool:
 
 
 def _largest_free_square(canvas: int, boxes: Sequence[Box], margin: int = 1) -> Box | None:
+    """The largest square that keeps `margin` px away from every box; among equals, the first whose
+    top-left corner comes first in raster order."""
     occ = np.zeros((canvas, canvas), dtype=np.int32)
     for x0, y0, x1, y1 in boxes:
         occ[max(0, y0 - margin) : y1 + margin, max(0, x0 - margin) : x1 + margin] = 1
-    # Classic DP: side of the largest free square ending at (y, x).
-    dp = np.zeros((canvas + 1, canvas + 1), dtype=np.int32)
-    best, best_box = 0, None
-    for y in range(canvas):
-        for x in range(canvas):
-            if occ[y, x] == 0:
-                dp[y + 1, x + 1] = 1 + min(dp[y, x + 1], dp[y + 1, x], dp[y, x])
-                if dp[y + 1, x + 1] > best:
-                    best = int(dp[y + 1, x + 1])
-                    best_box = (x + 1 - best, y + 1 - best, x + 1, y + 1)
-    return best_box
+    # Summed-area table: the occupancy of every s x s window at once, largest s first.
+    sat = np.zeros((canvas + 1, canvas + 1), dtype=np.int32)
+    sat[1:, 1:] = occ.cumsum(0).cumsum(1)
+    for s in range(canvas, 0, -1):
+        window = sat[s:, s:] - sat[:-s, s:] - sat[s:, :-s] + sat[:-s, :-s]
+        free = np.argwhere(window == 0)
+        if len(free):
+            y, x = (int(v) for v in free[0])
+            return (x, y, x + s, y + s)
+    return None
 
 
 def _article(word: str) -> str:

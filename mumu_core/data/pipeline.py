@@ -27,7 +27,7 @@ from .controls import DepthEstimator, canny, xdog_sketch
 from .detect import GroundingDinoDetector
 from .phrases import Phrase, extract_phrases, is_person_phrase
 from .rules import REASONS, Candidate, apply_rules, build_prompt, clip_box, summarize
-from .shards import Sample, write_json_atomic, write_shard
+from .shards import Sample, ShardWriter, write_json_atomic
 from .sources import Source, SourceItem
 
 log = logging.getLogger(__name__)
@@ -289,43 +289,44 @@ def process_part(
     """
     t0 = time.perf_counter()
     stats = _empty_stats()
-    samples: list[Sample] = []
+    tar, st = part_paths(out_dir, index)
 
-    def run(batch: list[tuple[str, SourceItem]]) -> None:
+    def run(batch: list[tuple[str, SourceItem]], writer: ShardWriter) -> None:
         try:
-            got, st = bootstrap_batch(batch, cfg, models)
+            got, bst = bootstrap_batch(batch, cfg, models)
         except Exception as e:
             if len(batch) == 1:
                 key, item = batch[0]
                 log.warning("skipping %s (%s): %s", key, item.source_key, e)
-                st = _empty_stats()
-                st["images_in"] = 1
-                st["errors"].append({"key": key, "source_key": item.source_key, "error": f"failed: {e}"})
-                _merge_stats(stats, st)
+                bst = _empty_stats()
+                bst["images_in"] = 1
+                bst["errors"].append({"key": key, "source_key": item.source_key, "error": f"failed: {e}"})
+                _merge_stats(stats, bst)
                 return
             log.warning("batch of %d failed (%s); retrying its images one by one", len(batch), e)
             for entry in batch:
-                run([entry])
+                run([entry], writer)
             return
-        samples.extend(got)
-        _merge_stats(stats, st)
+        for sample in got:
+            writer.add(sample)
+        _merge_stats(stats, bst)
 
-    batch: list[tuple[str, SourceItem]] = []
-    for pos, item in enumerate(source.read_part(index)):
-        batch.append((f"s{index:06d}-{pos:06d}", item))
-        if len(batch) == cfg.batch_size:
-            run(batch)
+    with ShardWriter(tar) as writer:
+        batch: list[tuple[str, SourceItem]] = []
+        for pos, item in enumerate(source.read_part(index)):
+            batch.append((f"s{index:06d}-{pos:06d}", item))
+            if len(batch) == cfg.batch_size:
+                run(batch, writer)
+                if on_images:
+                    on_images(len(batch))
+                batch = []
+        if batch:
+            run(batch, writer)
             if on_images:
                 on_images(len(batch))
-            batch = []
-    if batch:
-        run(batch)
-        if on_images:
-            on_images(len(batch))
-    for e in stats["errors"]:
-        log.warning("part %d: %s (%s): %s", index, e["key"], e["source_key"], e["error"])
-    tar, st = part_paths(out_dir, index)
-    size = write_shard(tar, samples)
+        for e in stats["errors"]:
+            log.warning("part %d: %s (%s): %s", index, e["key"], e["source_key"], e["error"])
+        size = writer.commit()
     stats.update(
         part=index,
         shard=tar.name,

@@ -57,29 +57,56 @@ def _suffix_order(suffix: str) -> tuple:
     return ({"jpg": 0, "json": 1}.get(suffix, 2), suffix)
 
 
-def write_shard(path: str | os.PathLike, samples: Sequence[Sample]) -> int:
-    """Write all samples to ``path`` through a temp file + rename; return the byte size."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for s in samples:
-                if "." in s.key or "/" in s.key:
-                    raise ValueError(f"sample key {s.key!r} must not contain '.' or '/'")
-                files = dict(s.files)
-                files["json"] = json.dumps(s.record, ensure_ascii=False).encode("utf-8")
-                for suffix in sorted(files, key=_suffix_order):
-                    data = files[suffix]
-                    info = tarfile.TarInfo(f"{s.key}.{suffix}")
-                    info.size = len(data)
-                    info.mtime = 0
-                    info.mode = 0o644
-                    tf.addfile(info, io.BytesIO(data))
-        size = tmp.stat().st_size
-        _publish(tmp, path)
+class ShardWriter:
+    """Stream samples into ``path`` through a temp file; ``commit()`` publishes it atomically.
+
+    Streaming keeps memory flat for big parts (img2dataset tars hold ~10k samples). Leaving the
+    ``with`` block without ``commit()`` (an exception) deletes the temp file, so a reader never sees
+    a partial shard.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tmp = _tmp_path(self.path)
+        self._tf = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.count = 0
+
+    def add(self, s: Sample) -> None:
+        if "." in s.key or "/" in s.key:
+            raise ValueError(f"sample key {s.key!r} must not contain '.' or '/'")
+        files = dict(s.files)
+        files["json"] = json.dumps(s.record, ensure_ascii=False).encode("utf-8")
+        for suffix in sorted(files, key=_suffix_order):
+            data = files[suffix]
+            info = tarfile.TarInfo(f"{s.key}.{suffix}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            self._tf.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def commit(self) -> int:
+        """Close, fsync and rename into place; return the shard's byte size."""
+        self._tf.close()
+        size = self.tmp.stat().st_size
+        _publish(self.tmp, self.path)
         return size
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._tf.closed:
+            self._tf.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_shard(path: str | os.PathLike, samples: Sequence[Sample]) -> int:
+    """Write all samples to ``path`` atomically; return the byte size."""
+    with ShardWriter(path) as w:
+        for s in samples:
+            w.add(s)
+        return w.commit()
 
 
 def read_shard(path: str | os.PathLike) -> Iterator[dict[str, bytes | str]]:

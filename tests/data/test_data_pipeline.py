@@ -325,3 +325,65 @@ def test_cli_bootstrap_and_contact_sheet(tmp_path, tiny_gdino, image_folder, cap
     assert page.count("<section>") == 3 and "data:image/png;base64," in page
     with pytest.raises(FileNotFoundError, match="no samples"):
         contact_sheet(tmp_path / "empty", tmp_path / "e.png")
+
+
+def test_over_limit_objects_keep_their_crops_but_not_the_prompt(tmp_path):
+    caption = "a b c d e"
+    objs = [
+        {
+            "phrase": ch,
+            "span": [i * 2, i * 2 + 1],
+            "box": [i * 40, 0, i * 40 + 30, 30],
+            "score": 0.5 + 0.1 * i,
+        }
+        for i, ch in enumerate("abcde")
+    ]
+    src = KnownBoxesSource([{"image": synth_image(200, 60, 0), "caption": caption, "objects": objs}])
+    bootstrap(src, tmp_path / "o", BootstrapConfig(min_crop_side=30, controls=()), progress=False)
+    (s,) = samples(tmp_path / "o")
+    rec = json.loads(s["json"])
+    assert [(o["kept"], o["reason"], o["crop"]) for o in rec["objects"]] == [
+        (False, "over_limit", "crop0.png"),
+        (False, "over_limit", "crop1.png"),
+        (True, None, "crop2.png"),
+        (True, None, "crop3.png"),
+        (True, None, "crop4.png"),
+    ]
+    assert all(f"crop{i}.png" in s for i in range(5))
+    assert [seg["object"] for seg in rec["prompt"] if "image" in seg] == [2, 3, 4]
+    assert rec["controls"] == {} and "canny.png" not in s
+
+
+class _FailingSource(KnownBoxesSource):
+    def read_part(self, index):
+        if index == 1:
+            yield from super().read_part(index)
+            raise RuntimeError("network filesystem went away")
+        yield from super().read_part(index)
+
+
+def test_a_failing_part_is_reported_and_the_job_goes_on(tmp_path):
+    src = _FailingSource([scene(0), scene(1), scene(2)], images_per_part=1)
+    out = tmp_path / "o"
+    man = bootstrap(src, out, BootstrapConfig(**SMALL), progress=False)
+    assert man["parts"]["finished"] == 2
+    assert man["parts"]["failed"] == [{"part": 1, "error": "RuntimeError: network filesystem went away"}]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "shard-000000.json",
+        "shard-000000.tar",
+        "shard-000002.json",
+        "shard-000002.tar",
+    ]
+    # the next run retries only the failed part
+    man = bootstrap(
+        KnownBoxesSource([scene(0), scene(1), scene(2)], images_per_part=1),
+        out,
+        BootstrapConfig(**SMALL),
+        progress=False,
+    )
+    assert (
+        man["parts"]["skipped_as_finished"] == 2
+        and man["parts"]["finished"] == 3
+        and not man["parts"]["failed"]
+    )

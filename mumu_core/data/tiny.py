@@ -10,14 +10,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-VOCAB = (
-    "[PAD] [UNK] [CLS] [SEP] [MASK] . , a an the and his her man woman dog cat red car head face person "
-    "tree ball bench on with of girl boy sky blue big"
+WORDS = (
+    ", a an the and his her man woman dog cat red car head face person tree ball bench on with of girl boy "
+    "sky blue big"
 ).split()
 
 
+def bert_like_vocab(words: list[str] = WORDS) -> list[str]:
+    """A small vocab with bert-base-uncased's ids for [PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102,
+    [MASK] 103, "." 1012 and "?" 1029.
+
+    GroundingDINO hard-codes those ids (``SPECIAL_TOKENS``) to split the text into phrases for its
+    text self-attention mask; matching them makes the tiny model take that code path like the real one.
+    """
+    vocab = [f"[unused{i}]" for i in range(1030)]
+    for i, tok in {
+        0: "[PAD]",
+        100: "[UNK]",
+        101: "[CLS]",
+        102: "[SEP]",
+        103: "[MASK]",
+        1012: ".",
+        1029: "?",
+    }.items():
+        vocab[i] = tok
+    return vocab + [w for w in words if w not in vocab]
+
+
 def build_tiny_grounding_dino(folder: str | Path, seed: int = 0) -> Path:
-    """Save a ~170k-parameter random GroundingDINO + processor (BERT tokenizer from a small vocab file)."""
+    """Save a ~200k-parameter random GroundingDINO + processor (BERT tokenizer from a small vocab file)."""
     from transformers import (
         BertConfig,
         BertTokenizerFast,
@@ -40,7 +61,7 @@ def build_tiny_grounding_dino(folder: str | Path, seed: int = 0) -> Path:
         out_indices=[2, 3, 4],
     )
     bert = BertConfig(
-        vocab_size=len(VOCAB),
+        vocab_size=len(bert_like_vocab()),
         hidden_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
@@ -66,7 +87,7 @@ def build_tiny_grounding_dino(folder: str | Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     GroundingDinoForObjectDetection(cfg).save_pretrained(folder)
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    (folder / "vocab.txt").write_text("\n".join(bert_like_vocab()) + "\n")
     # transformers 5 takes the vocab file path as `vocab` (the old `vocab_file` kwarg is ignored).
     tok = BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True)
     # >= 96 px: the 4th feature level (stride 64) must be wider than 1x1 for its GroupNorm.

@@ -363,11 +363,19 @@ def load_conditioner(
     from peft import get_peft_model_state_dict
 
     from .conditioning import MumuConditioner
-    from .encoder import MumuEncoder
+    from .encoder import VLM_FOLDER_HELP, EncoderLoadError, MumuEncoder
 
-    encoder = MumuEncoder.from_pretrained(
-        vlm_folder, dtype=dtype, hidden_state_layer=bundle.meta.hidden_state_layer
-    )
+    try:
+        encoder = MumuEncoder.from_pretrained(
+            vlm_folder, dtype=dtype, hidden_state_layer=bundle.meta.hidden_state_layer
+        )
+    except EncoderLoadError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        # transformers' messages for broken folders point at the Hub; name the local folder instead.
+        raise EncoderLoadError(
+            f"cannot load the VLM from {vlm_folder}: {e}. It must hold {VLM_FOLDER_HELP}."
+        ) from e
     check_vlm_compatible(bundle, encoder)
     if bundle.vlm_lora_state:
         meta = bundle.meta.vlm_lora

@@ -62,7 +62,15 @@ def load_sdxl(
     if not path.exists():
         raise SDXLLoadError(f"SDXL path {path} does not exist. Put {SDXL_PATH_HELP} there.")
     if path.is_dir():
-        unet, vae = _load_diffusers_folder(path, preset, dtype)
+        try:
+            unet, vae = _load_diffusers_folder(path, preset, dtype)
+        except SDXLLoadError:
+            raise
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            # diffusers' own messages for broken folders talk about the Hub; name the folder instead.
+            raise SDXLLoadError(
+                f"cannot load the diffusers SDXL folder {path}: {e}. It must be {SDXL_PATH_HELP}."
+            ) from e
     else:
         unet, vae = _load_single_file(path, preset, dtype)
     check_unet_config(unet.config, preset, str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,12 @@ def bad_input_cases(m, tmp: Path) -> dict[str, tuple[list[str], str]]:
     broken_bundle = tmp / "broken.safetensors"
     broken_bundle.write_bytes(m.bundle.read_bytes()[:500])
     one = [m.images[0]]
+    vlm = tmp / "vlm"
+    shutil.copytree(m.vlm, vlm)
+    (vlm / "config.json").write_text("{ not json")
+    sdxl = tmp / "sdxl"
+    shutil.copytree(m.sdxl, sdxl)
+    (sdxl / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
     return {
         "missing image": (
             gen_args(m, tmp / "o", images=[tmp / "nope.png", m.images[1]]),
@@ -85,6 +92,11 @@ def bad_input_cases(m, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "missing vlm": (gen_args(m, tmp / "o") + ["--vlm", str(tmp)], "lacks config.json"),
         "missing sdxl": (gen_args(m, tmp / "o") + ["--sdxl", str(tmp / "x.safetensors")], "does not exist"),
         "wrong preset": (gen_args(m, tmp / "o", "--preset", "real"), "made for preset 'tiny'"),
+        "corrupt vlm": (gen_args(m, tmp / "o") + ["--vlm", str(vlm)], "cannot load the VLM from"),
+        "corrupt sdxl": (
+            gen_args(m, tmp / "o") + ["--sdxl", str(sdxl)],
+            "cannot load the diffusers SDXL folder",
+        ),
         "vlm as sdxl": (gen_args(m, tmp / "o") + ["--sdxl", str(m.vlm)], "lacks unet/config.json"),
     }
 

@@ -125,6 +125,9 @@ def _detect_heads(
                 continue
             box, score = max(found, key=lambda r: r[1])
             x0, y0, x1, y1 = clip_box(box, *crop.size)
+            if min(x1 - x0, y1 - y0) < cfg.head_min_side:
+                out.append(None)  # a sliver at the crop's edge is no head
+                continue
             out.append(([x0 + ox, y0 + oy, x1 + ox, y1 + oy], score))
     return out
 

@@ -5,6 +5,7 @@ treats this folder as a package, since it has this file), it defines nothing: th
 register with.
 """
 
+import importlib.util
 import os
 import sys
 
@@ -21,10 +22,16 @@ if _IN_COMFYUI:
         ) from e
 
     # mumu_core sits next to this file and is imported by absolute name (it is also a standalone
-    # library). Appended, not prepended, so nothing here can shadow ComfyUI's own top-level modules.
-    _HERE = os.path.dirname(os.path.abspath(__file__))
-    if _HERE not in sys.path:
-        sys.path.append(_HERE)
+    # library). It alone is registered, rather than putting this folder on sys.path, which would also
+    # expose train/, tests/ and bench/ as top-level names to every other pack.
+    if "mumu_core" not in sys.modules:
+        _core = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mumu_core")
+        _spec = importlib.util.spec_from_file_location(
+            "mumu_core", os.path.join(_core, "__init__.py"), submodule_search_locations=[_core]
+        )
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules["mumu_core"] = _module
+        _spec.loader.exec_module(_module)
 
     from .nodes.extension import comfy_entrypoint  # noqa: F401
 

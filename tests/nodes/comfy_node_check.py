@@ -52,6 +52,17 @@ def main() -> None:
     import nodes as comfy_nodes
 
     report: dict = {"checks": {}, "errors": []}
+
+    # A ComfyUI without the V3 API: importing comfy_api.latest fails (a None entry in sys.modules makes
+    # the import raise ImportError); the pack must fail to load with a message saying what to do.
+    saved_api = sys.modules["comfy_api.latest"]
+    sys.modules["comfy_api.latest"] = None
+    n_logs = len(logs)
+    old_ok = asyncio.run(comfy_nodes.load_custom_node(pack_dir))
+    sys.modules["comfy_api.latest"] = saved_api
+    sys.modules.pop(pack_dir.replace(".", "_x_"), None)
+    report["old_comfy"] = {"loaded": bool(old_ok), "messages": [m for m in logs[n_logs:] if "V3" in m]}
+
     t0 = time.time()
     ok = asyncio.run(comfy_nodes.load_custom_node(pack_dir))
     report["loaded"] = bool(ok)

@@ -50,6 +50,12 @@ def test_pack_loads_with_every_node(report):
     assert not report["errors"], "\n\n".join(f"{e['check']}: {e['tb']}" for e in report["errors"])
 
 
+def test_a_comfyui_without_the_v3_api_gets_a_clear_error(report):
+    old = report["old_comfy"]
+    assert old["loaded"] is False
+    assert old["messages"] and "update ComfyUI" in old["messages"][0]
+
+
 def test_schemas(report):
     s = report["checks"]["schemas"]
     assert all(s[n]["category"].startswith("MUMU") for n in NODE_IDS)

@@ -189,7 +189,7 @@ def test_masks_keep_the_subject_and_refuse_loadimage_placeholders():
     ref = spec.prompts(4)[0].images[0]
     from mumu_core.prompt import prepare_image
 
-    prepared = torch.from_numpy(np.asarray(prepare_image(ref.image, 4, ref.mask)))
+    prepared = torch.from_numpy(np.array(prepare_image(ref.image, 4, ref.mask)))
     assert prepared[14, 14].tolist() == [255, 255, 255] and prepared[0, 0].tolist() == [0, 0, 0]
     with pytest.raises(PromptError, match="all zero"):
         spec_of("<image>", image, masks=[torch.zeros(1, 8, 8)])
@@ -370,3 +370,13 @@ def test_bundle_resolution_and_identity(tmp_path):
     assert file_identity(p) != ident
     with pytest.raises(ModelFileError, match="models/mumu|mumu"):
         resolve_bundle("other.safetensors", [tmp_path])
+
+
+def test_text_only_prompt_is_one_prompt_without_images(sdxl_conditioner):
+    spec = spec_of("a photo of a dog on a beach")
+    assert spec.batch == 1 and spec.slots == ()
+    (prompt,) = spec.prompts(4)
+    assert prompt.images == ()
+    cond = encode_prompts(sdxl_conditioner, [prompt], "m", cache=EncodeCache())
+    pos, neg = to_comfy(cond, size_info(64, 64))
+    assert pos[0][0].shape == (1, len(sdxl_conditioner.encoder.tokenize(prompt)), 2048)

@@ -32,6 +32,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# Loading puts back exactly the keys that were saved (dcp.load fails on any requested key the
+# checkpoint lacks); frozen parameters are absent by design, so the model-level load is not strict.
+LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -127,7 +130,11 @@ def load_checkpoint(
     state = {"model": msd, "optim": osd, "ema": ema}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=OPTIONS
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=LOAD_OPTIONS,
     )
     rank_file = path / f"rank{dist.get_rank()}.json"
     return trainer, json.loads(rank_file.read_text())

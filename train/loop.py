@@ -46,9 +46,10 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def distributed() -> Iterator[tuple[torch.device, int, int]]:
     """torchrun's environment when present; otherwise a 1-process group, so one code path runs."""
+    saved = dict(os.environ)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -66,6 +67,9 @@ def distributed() -> Iterator[tuple[torch.device, int, int]]:
     finally:
         if owns:
             dist.destroy_process_group()
+        if os.environ != saved:  # a single-process run leaves the caller's environment as it was
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 # ---------------------------------------------------------------------------------------------------

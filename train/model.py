@@ -179,7 +179,10 @@ def build_model(cfg: TrainConfig, preset: Preset, device: torch.device, log=prin
         connector.gradient_checkpointing = True
         unet.enable_gradient_checkpointing()
     model.train()
-    vae.to(device=device, dtype=DTYPES[cfg.model.vae_dtype]).eval().requires_grad_(False)
+    vae_dtype = DTYPES[cfg.model.vae_dtype]
+    if next(iter(vae.state_dict().values())).dtype != vae_dtype:
+        vae.to(dtype=vae_dtype)
+    vae.to(device=device).eval().requires_grad_(False)
     return Built(model, vae, comps.scheduler, preset, lora, adapter, frozen_lora_state)
 
 

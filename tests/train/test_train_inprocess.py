@@ -1,0 +1,113 @@
+"""Single-process runs inside pytest (a 1-rank gloo group, the same FSDP2 path as torchrun)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.config import load_config
+from train.loop import NonFiniteLoss, run
+from train.model import build_model
+
+CONFIGS = Path(__file__).parents[2] / "train" / "configs"
+
+
+def tiny_cfg(tiny_models, shards, out: Path, *extra: str):
+    return load_config(
+        CONFIGS / "tiny.yaml",
+        [
+            f"model.vlm={tiny_models.vlm}",
+            f"model.sdxl={tiny_models.sdxl}",
+            f"data.shards={','.join(shards)}",
+            f"out_dir={out}",
+            *extra,
+        ],
+    )
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def test_only_intended_parameters_change_and_bundle_loads(tiny_models, shards, tmp_path):
+    from mumu_core.bundle import apply_unet_lora, load_bundle, load_conditioner
+    from mumu_core.presets import TINY
+    from mumu_core.prompt import InterleavedPrompt
+    from mumu_core.sdxl import load_sdxl
+
+    cfg = tiny_cfg(tiny_models, shards, tmp_path / "run", "optim.max_steps=2", "checkpoint.every=2")
+    trained: dict[str, torch.Tensor] = {}
+    run(cfg, inspect=lambda built: trained.update({n: full(p) for n, p in built.model.named_parameters()}))
+
+    fresh = build_model(cfg, TINY, torch.device("cpu")).model  # the run's starting point (same seed)
+    start = dict(fresh.named_parameters())
+    assert set(start) == set(trained)
+    changed = {n for n in trained if not torch.equal(trained[n], start[n].detach())}
+    vision = {n for n in trained if n.startswith("encoder.vlm.vision_model.")}
+    unet_base = {n for n in trained if n.startswith("unet.") and "lora_" not in n}
+    vlm_base = {n for n in trained if n.startswith("encoder.") and "lora_" not in n}
+    assert vision and not changed & vision, "the vision tower must stay bit-identical"
+    assert unet_base and not changed & unet_base, "the base UNet must stay bit-identical"
+    assert not changed & vlm_base, "the base LLM must stay bit-identical (it trains through LoRA)"
+    for prefix in (
+        "connector.",
+        "unet.",
+        "encoder.vlm.text_model.",
+        "encoder.vlm.connector.modality_projection.",
+    ):
+        lora_or_all = {
+            n for n in trained if n.startswith(prefix) and (prefix == "connector." or "lora_B" in n)
+        }
+        assert lora_or_all and lora_or_all <= changed, f"{prefix} did not train"
+
+    out = tmp_path / "run" / "export" / "step_00000002"
+    bundle = load_bundle(out / "mumu.safetensors")
+    assert bundle.meta.vlm_lora["rank"] == 4 and bundle.meta.unet_lora["rank"] == 4
+    assert bundle.meta.tokens_per_image == 4 and bundle.meta.prediction_type == "epsilon"
+    for k, v in bundle.connector_state.items():
+        assert torch.equal(v, trained["connector." + k])
+    b_key = next(k for k in bundle.vlm_lora_state if "lora_B" in k)
+    assert torch.equal(
+        bundle.vlm_lora_state[b_key], trained["encoder.vlm." + b_key.replace("lora_B.", "lora_B.default.")]
+    )
+    conditioner = load_conditioner(tiny_models.vlm, bundle)
+    from PIL import Image
+
+    cond = conditioner.encode(
+        [InterleavedPrompt.parse("a <image> man", [Image.new("RGB", (20, 30), "red")], 4)]
+    )
+    assert cond.context.shape[-1] == TINY.connector.context_dim and torch.isfinite(cond.context).all()
+    unet = load_sdxl(tiny_models.sdxl, TINY).unet
+    apply_unet_lora(unet, bundle)
+    assert (out / "unet_lora_kohya.safetensors").is_file()
+    assert (
+        json.loads((tmp_path / "run" / "checkpoints" / "step_00000002" / "trainer.json").read_text())["step"]
+        == 2
+    )
+    assert (tmp_path / "run" / "tb").is_dir()
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tiny_models, shards, tmp_path, monkeypatch):
+    import train.loop as loop
+
+    real = loop.training_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **kw):
+        calls["n"] += 1
+        loss = real(*a, **kw)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(loop, "training_loss", poisoned)
+    cfg = tiny_cfg(tiny_models, shards, tmp_path / "run", "optim.max_steps=3", "checkpoint.every=1")
+    with pytest.raises(NonFiniteLoss, match="step 2"):
+        run(cfg)
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step_00000001"]
+    assert (
+        json.loads((tmp_path / "run" / "checkpoints" / "step_00000001" / "trainer.json").read_text())["step"]
+        == 1
+    )

@@ -292,6 +292,7 @@ def _run(
         weight_decay=cfg.optim.weight_decay,
     )
     ema = {n: p.detach().clone() for n, p in named} if cfg.diffusion.ema else {}
+    built.ema = ema
     gen = torch.Generator().manual_seed(cfg.optim.seed * 1_000_003 + rank)
 
     step, position = 0, (0, 0)

@@ -11,7 +11,7 @@ number of times on every rank or its all-gathers would deadlock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -90,6 +90,7 @@ class Built:
     lora: dict[str, dict | None]  # part -> {"rank", "alpha", "targets"} of its LoRA (vlm, unet)
     adapter: dict[str, str]  # part -> peft adapter name
     frozen_lora_state: dict[str, dict[str, torch.Tensor]]  # LoRAs from init_bundle kept frozen
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)  # EMA of the trainable params (sharded)
 
 
 def part_of(name: str) -> str:

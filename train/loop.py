@@ -402,10 +402,13 @@ def _run(
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 if rank == 0:
                     with losses_file.open("a") as f:
-                        f.write(
-                            json.dumps({"step": step, "loss": mean_loss, "grad_norm": float(grad_norm)})
-                            + "\n"
-                        )
+                        row = {
+                            "step": step,
+                            "loss": mean_loss,
+                            "grad_norm": float(grad_norm),
+                            "step_time_s": dt,
+                        }
+                        f.write(json.dumps(row) + "\n")
                     if writer is not None and (step % cfg.logging.every == 0 or step == 1):
                         writer.add_scalar("loss", mean_loss, step)
                         writer.add_scalar("grad_norm", float(grad_norm), step)

@@ -175,3 +175,35 @@ def test_mini_full_training_ema_exports_loadable_folders(tmp_path, shards):
     name = "conv_in.weight"
     assert torch.equal(dict(unet.named_parameters())[name], got["ema"]["unet." + name])
     assert (out / "samples" / "step_00000002.png").is_file()
+
+
+def test_stage2_starts_from_a_bundle(tiny_models, shards, tmp_path):
+    """Stage 2 continues the bundle's connector and LoRAs (at the bundle's rank) on one person crop."""
+    from mumu_core.bundle import load_bundle
+
+    start = load_bundle(tiny_models.bundle)
+    out = tmp_path / "run"
+    cfg = tiny_cfg(
+        tiny_models,
+        shards,
+        out,
+        f"model.init_bundle={tiny_models.bundle}",
+        "data.stage=2",
+        "data.tokens_per_image=0",  # stage 2 default: 4x the preset's tokens (tiny: 16 = 4x4 patches)
+        "data.max_images=1",
+        "data.max_crops=1",
+        "data.control_prob=0",
+        "parts.vlm.rank=2",  # ignored in favour of the bundle's rank 4 (logged)
+        "optim.max_steps=1",
+        "checkpoint.every=1",
+    )
+    run(cfg)
+    end = load_bundle(out / "export" / "step_00000001" / "mumu.safetensors")
+    assert end.meta.tokens_per_image == 16
+    assert end.meta.vlm_lora["rank"] == start.meta.vlm_lora["rank"] == 4
+    assert set(end.vlm_lora_state) == set(start.vlm_lora_state)
+    assert set(end.unet_lora_state) == set(start.unet_lora_state)
+    # One Adam step moves each weight by at most ~lr: the run started from the bundle, not from scratch.
+    for a, b in ((start.connector_state, end.connector_state), (start.unet_lora_state, end.unet_lora_state)):
+        diffs = [(a[k] - b[k]).abs().max().item() for k in a]
+        assert max(diffs) > 0 and max(diffs) < 3e-3

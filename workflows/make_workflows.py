@@ -31,7 +31,7 @@ INPUT_DIR = ROOT / "example_workflows" / "input"
 SDXL_CKPT = "sd_xl_base_1.0.safetensors"
 FINETUNE_CKPT = "animagine-xl-3.1.safetensors"
 VLM = "idefics2-8b"
-BUNDLE = "mumu_sdxl.safetensors"
+BUNDLE = "mumu-sdxl.safetensors"
 MAX_IMAGES = 4  # nodes/prompt_spec.MAX_IMAGES (not imported: this script must run without torch)
 
 # Socket inputs (name, type) and outputs (name, type) of the nodes used; widgets are separate.

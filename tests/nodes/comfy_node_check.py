@@ -110,8 +110,8 @@ def main() -> None:
     def validation():
         cls = ours["MUMULoader"]
         return {
-            "good": cls.validate_inputs(vlm="idefics2-8b", bundle="mumu_sdxl.safetensors"),
-            "missing_vlm": cls.validate_inputs(vlm="nope-vlm", bundle="mumu_sdxl.safetensors"),
+            "good": cls.validate_inputs(vlm="idefics2-8b", bundle="mumu-sdxl.safetensors"),
+            "missing_vlm": cls.validate_inputs(vlm="nope-vlm", bundle="mumu-sdxl.safetensors"),
             "missing_bundle": cls.validate_inputs(vlm="idefics2-8b", bundle="nope.safetensors"),
         }
 
@@ -126,7 +126,7 @@ def main() -> None:
         out = run(
             "MUMULoader",
             vlm="idefics2-8b",
-            bundle="mumu_sdxl.safetensors",
+            bundle="mumu-sdxl.safetensors",
             dtype="auto",
             device="offload after encoding",
         )
@@ -293,7 +293,7 @@ def main() -> None:
 
     def lora_merge():
         before = len([m for m in logs if "lora key not loaded" in m])
-        merged = run("MUMULoraMerge", model=state["vega"], bundle="mumu_sdxl.safetensors", strength=1.0).args[
+        merged = run("MUMULoraMerge", model=state["vega"], bundle="mumu-sdxl.safetensors", strength=1.0).args[
             0
         ]
         after = len([m for m in logs if "lora key not loaded" in m])
@@ -304,7 +304,7 @@ def main() -> None:
             {
                 k.split(".")[0]
                 for k in kohya_unet_lora(
-                    load_bundle(os.path.join(models_dir, "mumu", "mumu_sdxl.safetensors"))
+                    load_bundle(os.path.join(models_dir, "mumu", "mumu-sdxl.safetensors"))
                 )
             }
         )
@@ -349,7 +349,7 @@ def main() -> None:
         base = cfg.get_model({})
         sd15 = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
         try:
-            run("MUMULoraMerge", model=sd15, bundle="mumu_sdxl.safetensors", strength=1.0)
+            run("MUMULoraMerge", model=sd15, bundle="mumu-sdxl.safetensors", strength=1.0)
             return {"error": None}
         except Exception as e:
             return {"error": f"{type(e).__name__}: {e}"}
@@ -357,7 +357,7 @@ def main() -> None:
     check("not_sdxl", not_sdxl)
 
     def save_lora():
-        out = run("MUMUSaveLora", bundle="mumu_sdxl.safetensors", filename_prefix="mumu/test_lora")
+        out = run("MUMUSaveLora", bundle="mumu-sdxl.safetensors", filename_prefix="mumu/test_lora")
         path = out.args[0]
         lora = comfy.utils.load_torch_file(path, safe_load=True)
         before = len([m for m in logs if "lora key not loaded" in m])

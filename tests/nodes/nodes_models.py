@@ -4,7 +4,7 @@
 
 - ``LLM/idefics2-8b/``: a tiny random Idefics2 (mumu_core.presets' TINY VLM), named like the real folder so
   that the bundled workflows' widget values resolve;
-- ``mumu/mumu_sdxl.safetensors``: a bundle whose connector outputs SDXL's 2048-d context and 1280-d
+- ``mumu/mumu-sdxl.safetensors``: a bundle whose connector outputs SDXL's 2048-d context and 1280-d
   pooled vector (TINY's connector widened via dataclasses.replace), with a random VLM LoRA and a random
   UNet LoRA made on a diffusers ``UNet2DConditionModel`` with Segmind Vega's layout, so every LoRA key
   exists in the random Vega checkpoint ComfyUI detects as SDXL-family;
@@ -44,7 +44,7 @@ COMFY_TEST_PRESET = replace(
     tokens_per_image=16,
 )
 VLM_NAME = "idefics2-8b"
-BUNDLE_NAME = "mumu_sdxl.safetensors"
+BUNDLE_NAME = "mumu-sdxl.safetensors"
 CHECKPOINT_NAMES = ("sd_xl_base_1.0.safetensors", "animagine-xl-3.1.safetensors")
 
 

@@ -68,7 +68,7 @@ def test_schemas(report):
     assert [k for k, v in types.items() if v == "IMAGE"] == ["image1", "image2", "image3", "image4"]
     assert [k for k, v in types.items() if v == "MASK"] == ["mask1", "mask2", "mask3", "mask4"]
     # Dropdowns from folders registered by the pack and filled through extra_model_paths.yaml.
-    assert s["_choices"] == {"vlm": ["idefics2-8b"], "bundle": ["mumu_sdxl.safetensors"]}
+    assert s["_choices"] == {"vlm": ["idefics2-8b"], "bundle": ["mumu-sdxl.safetensors"]}
 
 
 def test_missing_files_name_the_expected_path(report, comfy_models):

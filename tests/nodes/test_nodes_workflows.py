@@ -114,7 +114,7 @@ def exported_lora_workflow(lora_name: str) -> dict:
             "class_type": "MUMULoader",
             "inputs": {
                 "vlm": "idefics2-8b",
-                "bundle": "mumu_sdxl.safetensors",
+                "bundle": "mumu-sdxl.safetensors",
                 "dtype": "auto",
                 "device": "offload after encoding",
             },

@@ -1,7 +1,10 @@
-"""``python -m mumu_core.mini {bootstrap,preview}``: mini-world shards and a look at the world.
+"""``python -m mumu_core.mini {bootstrap,preview,demo,ship,demo-assets}``: the mini world and model.
 
     python -m mumu_core.mini bootstrap --out data/mini --count 50000
     python -m mumu_core.mini preview --out mini_preview.png
+    python -m mumu_core.mini demo --out outputs/demo          # the shipped model on the bundled prompts
+    python -m mumu_core.mini ship --export runs/mini/train/export/step_N [--recipe runs/mini/recipe.json]
+    python -m mumu_core.mini demo-assets                      # rewrites mumu_core/mini/demo/
 
 The analyser and the evaluation have their own CLIs: ``python -m mumu_core.mini.analyser`` and
 ``python -m mumu_core.mini.evaluate``.
@@ -36,7 +39,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", default="train", choices=sorted(SPLITS))
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--scale", type=int, default=4)
+    d = sub.add_parser("demo", help="generate the bundled demo prompts with the shipped (or a given) model")
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--model", type=Path, default=None, help="a model folder (default: the shipped one)")
+    d.add_argument("--samples", type=int, default=4, help="images per prompt")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--steps", type=int, default=None, help="default: the mini preset's")
+    d.add_argument("--guidance", type=float, default=None, help="default: the mini preset's")
+    s = sub.add_parser("ship", help="copy a training export into mumu_core/mini/weights with its hashes")
+    s.add_argument("--export", type=Path, required=True, help="python -m train's out_dir/export/step_N")
+    s.add_argument("--recipe", type=Path, default=None, help="the recipe's summary json (wall time, status)")
+    s.add_argument("--command", default="bash scripts/train_mini.sh", help="the command that trained it")
+    s.add_argument("--fp32", action="store_true", help="keep float32 (default: float16 files)")
+    s.add_argument("--weights", type=Path, default=None, help="destination (default: the package's)")
+    sub.add_parser("demo-assets", help="rewrite the bundled demo prompts and references")
     args = ap.parse_args(argv)
+
+    if args.cmd in ("demo", "ship", "demo-assets"):
+        from . import demo as D
+
+        try:
+            if args.cmd == "demo":
+                files = D.run_demo(
+                    args.out,
+                    model=args.model or D.MODEL_DIR,
+                    samples=args.samples,
+                    seed=args.seed,
+                    steps=args.steps,
+                    guidance=args.guidance,
+                )
+                print(
+                    f"wrote {len(files)} PNGs to {args.out} (contact sheet: {args.out / 'contact_sheet.png'})"
+                )
+            elif args.cmd == "ship":
+                info: dict = {"command": args.command}
+                if args.recipe is not None:
+                    info["recipe"] = json.loads(args.recipe.read_text())
+                cfg = args.export.parent.parent / "config.json"
+                if cfg.is_file():
+                    info["train_config"] = json.loads(cfg.read_text())
+                record = D.ship(args.export, args.weights or D.WEIGHTS_DIR, fp16=not args.fp32, info=info)
+                print(json.dumps({k: v for k, v in record.items() if k != "train_config"}, indent=2))
+            else:
+                prompts = D.make_demo_assets()
+                print(f"wrote {len(prompts)} prompts to {D.DEMO_DIR}")
+        except D.MiniModelError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
 
     if args.cmd == "bootstrap":
         from ..data.pipeline import bootstrap

@@ -60,6 +60,9 @@ from .world import (
 )
 
 SUITES: tuple[str, ...] = ("single", "pair", "tokens", "style")
+# No space between a placeholder and its word ("a <image>shape"): training's data rules insert each crop
+# right before its word, so prompts of this form tokenize exactly like the training prompts.
+PROMPT_SEP = ""
 # Index ranges of the eval split used by each suite, so suites never share a source scene.
 _SUITE_BASE = {"single": 0, "pair": 100_000, "style": 200_000}
 
@@ -173,7 +176,7 @@ def single_cases(n: int, tokens: int, cfg: WorldConfig = DEFAULT_WORLD, seed: in
         colour, shape = COLOURS[i % len(COLOURS)], SHAPES[(i // len(COLOURS)) % len(SHAPES)]
         src = scene_at("eval", _SUITE_BASE["single"] + i, cfg, n_objects=1, colours=[colour], shapes=[shape])
         caption, spans, _ = build_caption([_word(rng)], "background")
-        text = interleave(caption, [(spans[0][0], "")])
+        text = interleave(caption, [(spans[0][0], "")], sep=PROMPT_SEP)
         prompt = MiniPrompt(text, (object_crop(src, 0),), (Reference("object", colour, shape),), 1, tokens)
         cases.append(Case("single", prompt, objects=((colour, shape),)))
     return cases
@@ -195,7 +198,7 @@ def pair_cases(n: int, tokens: int, cfg: WorldConfig = DEFAULT_WORLD, seed: int 
             images.append(object_crop(src, 0))
             refs.append(Reference("object", c, s))
         caption, spans, _ = build_caption([_word(rng), _word(rng)], "background")
-        text = interleave(caption, [(spans[0][0], ""), (spans[1][0], "")])
+        text = interleave(caption, [(spans[0][0], ""), (spans[1][0], "")], sep=PROMPT_SEP)
         prompt = MiniPrompt(text, tuple(images), tuple(refs), 2, tokens)
         cases.append(Case("pair", prompt, objects=((c1, s1), (c2, s2))))
     return cases
@@ -211,7 +214,7 @@ def style_cases(n: int, tokens: int, cfg: WorldConfig = DEFAULT_WORLD, seed: int
             "eval", _SUITE_BASE["style"] + i, cfg, n_objects=1, style=style, require_style_box=True
         )
         caption, _, bg_span = build_caption([_word(rng)], "background")
-        text = interleave(caption, [(bg_span[0], "")])
+        text = interleave(caption, [(bg_span[0], "")], sep=PROMPT_SEP)
         prompt = MiniPrompt(text, (style_reference(src),), (Reference("style", style=style),), 1, tokens)
         cases.append(Case("style", prompt, style=style))
     return cases

@@ -467,15 +467,19 @@ def style_reference(scene: Scene) -> Image.Image:
     return _crop(render_background_only(scene), scene.background_box, 0)
 
 
-def interleave(caption: str, inserts: Sequence[tuple[int, str]], placeholder: str = "<image>") -> str:
-    """Insert `placeholder` right before each given character position of `caption` (paper style:
-    "a <image> shape"). `inserts` is a sequence of (position, tag); tag replaces the placeholder if set."""
+def interleave(
+    caption: str, inserts: Sequence[tuple[int, str]], placeholder: str = "<image>", sep: str = " "
+) -> str:
+    """Insert `placeholder` + `sep` right before each given character position of `caption` (paper style:
+    "a <image> shape"). `inserts` is a sequence of (position, tag); tag replaces the placeholder if set.
+    `sep=""` gives "a <image>shape", the form training's data rules build (the crop goes right before
+    its word), which the mini evaluation and demo use so their prompts tokenize like training's."""
     out, last = [], 0
     for pos, tag in sorted(inserts, key=lambda t: t[0]):
         if not 0 <= pos <= len(caption):
             raise WorldError(f"insert position {pos} outside caption of length {len(caption)}")
         out.append(caption[last:pos])
-        out.append(f"{tag or placeholder} ")
+        out.append(f"{tag or placeholder}{sep}")
         last = pos
     out.append(caption[last:])
     return "".join(out)

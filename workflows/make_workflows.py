@@ -1,8 +1,8 @@
 """Writes the bundled ComfyUI workflows (UI format, drag-and-drop), their thumbnails and example inputs.
 
-    python workflows/make_workflows.py          # rewrites workflows/ and example_workflows/
+    python workflows/make_workflows.py          # rewrites example_workflows/
 
-Outputs, identical in both folders (ComfyUI's templates browser lists <pack>/example_workflows/*.json):
+Outputs, in example_workflows/ (ComfyUI's templates browser lists <pack>/example_workflows/*.json):
 
 - ``<name>.json``: the frontend's workflow format (version 0.4: nodes with id/type/pos/size/inputs/
   outputs/widgets_values, links as [id, from, from_slot, to, to_slot, type]);
@@ -25,7 +25,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT_DIRS = (ROOT / "workflows", ROOT / "example_workflows")
+# Only example_workflows/: ComfyUI lists every *.json in a pack's workflows/ folder too, so copies
+# there would show each template twice.
+OUT_DIRS = (ROOT / "example_workflows",)
 INPUT_DIR = ROOT / "example_workflows" / "input"
 
 SDXL_CKPT = "sd_xl_base_1.0.safetensors"

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from mumu_core.prompt import ImageRef, InterleavedPrompt
+from mumu_core.prompt import ImageRef, InterleavedPrompt, check_tokens
 
 from .config import DataConfig
 
@@ -77,6 +77,10 @@ class Rules:
     @classmethod
     def from_config(cls, cfg: DataConfig, preset_tokens: int, preset_resolution: int) -> Rules:
         tokens = cfg.tokens_per_image or preset_tokens * (4 if cfg.stage == 2 else 1)
+        try:
+            check_tokens(tokens)
+        except ValueError as e:
+            raise DataError(f"data.tokens_per_image: {e}") from None
         return cls(
             stage=cfg.stage,
             tokens=tokens,

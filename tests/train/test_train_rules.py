@@ -86,6 +86,10 @@ def test_rules_from_config_token_targets():
     assert Rules.from_config(DataConfig(stage=1), 324, 1024).tokens == 324
     assert Rules.from_config(DataConfig(stage=2), 324, 1024).tokens == 1296  # the paper's two numbers
     assert Rules.from_config(DataConfig(stage=1, tokens_per_image=16), 16, 24).tokens == 16
+    from train.data import DataError
+
+    with pytest.raises(DataError, match="square number"):
+        Rules.from_config(DataConfig(tokens_per_image=300), 324, 1024)
 
 
 def test_stage1_up_to_three_crops_in_caption_order_never_dropped_objects():

@@ -116,11 +116,16 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     ema: dict[str, torch.Tensor],
+    weights_only: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load into the (already sharded) model/optimizer/EMA in place; return (trainer, rank) states."""
+    """Load into the (already sharded) model/optimizer/EMA in place; return (trainer, rank) states.
+
+    ``weights_only``: for exporting, any number of processes may read it (DCP reshards) and the
+    per-process data positions are not returned.
+    """
     trainer = json.loads((path / "trainer.json").read_text())
     world = dist.get_world_size()
-    if trainer["world_size"] != world:
+    if trainer["world_size"] != world and not weights_only:
         raise RuntimeError(
             f"checkpoint {path} was written by {trainer['world_size']} processes but this run has {world}: "
             "resume with the same number of processes (the data stream positions are per process), or "
@@ -136,5 +141,7 @@ def load_checkpoint(
         optim_state_dict=state["optim"],
         options=LOAD_OPTIONS,
     )
+    if weights_only:
+        return trainer, {}
     rank_file = path / f"rank{dist.get_rank()}.json"
     return trainer, json.loads(rank_file.read_text())

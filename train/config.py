@@ -318,7 +318,8 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
     while i < len(argv):
         a = argv[i]
         if a in ("-h", "--help"):
-            raise SystemExit(HELP)
+            print(HELP)
+            raise SystemExit(0)
         if a == "--config":
             if i + 1 >= len(argv):
                 raise ConfigError("--config needs a file path")
@@ -359,4 +360,5 @@ Train MUMU. FILE is YAML or TOML (see train/configs/ and docs/TRAINING.md for ev
 Overrides are dotted keys validated against the config types, e.g.
   python -m train --config train/configs/stage1.yaml --set optim.max_steps=100 parts.unet.lr=1e-5
   python -m train --config train/configs/tiny.yaml --optim.batch_size 2 --out_dir /tmp/run
-Launch with torchrun for several processes / GPUs / nodes (same flags)."""
+Launch with torchrun for several processes / GPUs / nodes (same flags).
+Re-export a checkpoint: python -m train export RUN_DIR [--step N] [--dest DIR]"""

@@ -175,3 +175,39 @@ def write_sdxl_folder(built: Built, unet_state: dict[str, torch.Tensor], dest: P
     (dest / "README.txt").write_text(
         json.dumps({"note": "diffusers SDXL folder written by python -m train (full UNet training)"})
     )
+
+
+def export_checkpoint(run_dir: Path, step: int | None = None, dest: Path | None = None) -> Path:
+    """``python -m train export``: re-export a checkpoint of ``run_dir`` (newest, or ``step``).
+
+    The run's own config (kept in the checkpoint) rebuilds the model; any number of processes may do
+    it (DCP reshards). Useful after a hard kill between saves, or to export into another folder.
+    """
+    from mumu_core.presets import get_preset
+
+    from .checkpoint import latest_checkpoint, load_checkpoint, step_dir
+    from .config import TrainConfig, from_dict
+    from .data import Rules
+    from .loop import distributed
+    from .model import build_model, param_groups, shard_model
+
+    root = Path(run_dir) / "checkpoints"
+    path = step_dir(root, step) if step is not None else latest_checkpoint(root)
+    if path is None or not (path / "trainer.json").is_file():
+        raise FileNotFoundError(
+            f"no complete checkpoint {'step ' + str(step) if step is not None else ''} in {root}: "
+            "give the out_dir of a training run (it holds checkpoints/step_N/)"
+        )
+    trainer = json.loads((path / "trainer.json").read_text())
+    cfg = from_dict(TrainConfig, trainer["config"], "")
+    preset = get_preset(cfg.model.preset)
+    rules = Rules.from_config(cfg.data, preset.tokens_per_image, preset.resolution)
+    with distributed() as (device, rank, world):
+        built = build_model(cfg, preset, device, print if rank == 0 else (lambda _m: None))
+        shard_model(built.model, cfg, device)
+        optimizer = torch.optim.AdamW(param_groups(built.model, cfg))
+        ema = {n: p.detach().clone() for n, p in trainable_named(built.model)} if cfg.diffusion.ema else {}
+        load_checkpoint(path, built.model, optimizer, ema, weights_only=True)
+        dest = Path(dest) if dest is not None else Path(run_dir) / "export" / path.name
+        export(built, dest, ema, cfg, rules.tokens, trainer["prediction_type"])
+    return dest

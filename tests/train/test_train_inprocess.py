@@ -89,6 +89,18 @@ def test_only_intended_parameters_change_and_bundle_loads(tiny_models, shards, t
     )
     assert (tmp_path / "run" / "tb").is_dir()
 
+    # python -m train export: the same bundle again, from the DCP checkpoint alone.
+    from train.__main__ import main
+
+    assert main(["export", str(tmp_path / "run"), "--dest", str(tmp_path / "again")]) == 0
+    again = load_bundle(tmp_path / "again" / "mumu.safetensors")
+    for a, b in (
+        (bundle.connector_state, again.connector_state),
+        (bundle.unet_lora_state, again.unet_lora_state),
+    ):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert again.meta == bundle.meta
+
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tiny_models, shards, tmp_path, monkeypatch):
     import train.loop as loop

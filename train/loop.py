@@ -61,7 +61,8 @@ def distributed() -> Iterator[tuple[torch.device, int, int]]:
         backend = "gloo"
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group(backend)
+        # device_id binds NCCL to this rank's GPU up front (barriers then need no guessing).
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     try:
         yield device, dist.get_rank(), dist.get_world_size()
     finally:
@@ -384,7 +385,10 @@ def _run(
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
                 if hasattr(grad_norm, "full_tensor"):
                     grad_norm = grad_norm.full_tensor()
-                stats = torch.tensor([loss_sum.item() / accum, float(stop.requested)], dtype=torch.float64)
+                # On the run's device: NCCL reduces CUDA tensors only.
+                stats = torch.tensor(
+                    [loss_sum.item() / accum, float(stop.requested)], dtype=torch.float64, device=device
+                )
                 dist.all_reduce(stats)
                 mean_loss = stats[0].item() / world
                 check_finite(mean_loss, float(grad_norm), step)

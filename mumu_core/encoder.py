@@ -223,7 +223,12 @@ class MumuEncoder(nn.Module):
 
     # -- training helpers -------------------------------------------------------------------------
     def enable_gradient_checkpointing(self) -> None:
-        self.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        # transformers 5.x renamed it; the old name warns and goes away in v6.
+        if hasattr(self.vlm, "activation_checkpointing_enable"):
+            self.vlm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def freeze_vision(self) -> None:
         self.vlm.vision_model.requires_grad_(False)

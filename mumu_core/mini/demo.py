@@ -114,6 +114,21 @@ def _to_fp16_safetensors(path: Path) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
+def _hardware() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{model}, {os.cpu_count()} CPU cores visible, {gpu}"
+
+
 def ship(
     export_dir: str | Path,
     weights_dir: str | Path = WEIGHTS_DIR,
@@ -144,7 +159,7 @@ def ship(
         "format": "MUMU-mini model: the trainer's export layout (vlm/, sdxl/, mumu.safetensors)",
         "source_export": str(export_dir),
         "dtype": "float16" if fp16 else "float32",
-        "hardware": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPU(s)".strip(),
+        "hardware": _hardware(),
         **(info or {}),
         "files": file_hashes(weights_dir / "model"),
     }

@@ -733,6 +733,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--tokens", type=int, default=None, help="demo tokens per image (default: the mini preset's)"
     )
     ap.add_argument("--tokens-sweep", type=int, nargs="*", default=list(EvalConfig.tokens_sweep))
+    ap.add_argument(
+        "--tokens-demo-only",
+        action="store_true",
+        help="run the tokens suite at the demo guidance only (not at every guidance of the sweep)",
+    )
     ap.add_argument("--suites", nargs="*", default=list(SUITES), choices=SUITES)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
@@ -758,6 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         guidance_sweep=tuple(args.guidance_sweep),
         tokens_per_image=args.tokens,
         tokens_sweep=tuple(args.tokens_sweep),
+        tokens_at_every_guidance=not args.tokens_demo_only,
         suites=tuple(args.suites),
         seed=args.seed,
         batch_size=args.batch_size,

@@ -704,12 +704,75 @@ def to_markdown(report: EvalReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_markdown(results: Sequence[str | Path]) -> str:
+    """One table over the guidances of one or more ``results.json`` (e.g. runs split over processes):
+    per guidance, the image vs text-only scores of every suite and the chance row."""
+    rows: list[dict] = []
+    chance: dict[str, dict[str, float]] = {}
+    for r in results:
+        path = Path(r)
+        data = json.loads((path / "results.json" if path.is_dir() else path).read_text())
+        rows += data["rows"]
+        chance.update(data["chance"])
+
+    def get(suite: str, g: float, cond: str, metric: str, tokens: int | None = None) -> str:
+        for r in rows:
+            if r["suite"] == suite and r["guidance"] == g and r["condition"] == cond:
+                if tokens is None or r["tokens"] == tokens:
+                    return f"{r[metric]:.2f}"
+        return "-"
+
+    head = (
+        "| guidance | single colour (img / text) | single shape (img / text) | pair both colours (img / text) "
+        "| pair both shapes (img / text) | style (img / text) |"
+    )
+    lines = [head, "|---" * 6 + "|"]
+    for g in sorted({r["guidance"] for r in rows}):
+        cells = [f"{g:g}"]
+        for suite, metric in (
+            ("single", "colour"),
+            ("single", "shape"),
+            ("pair", "both_colours"),
+            ("pair", "both_shapes"),
+            ("style", "style"),
+        ):
+            cells.append(f"{get(suite, g, 'image', metric)} / {get(suite, g, 'text_only', metric)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    ch = [
+        f"{chance.get(s, {}).get(m, float('nan')):.2f}"
+        for s, m in (
+            ("single", "colour"),
+            ("single", "shape"),
+            ("pair", "both_colours"),
+            ("pair", "both_shapes"),
+            ("style", "style"),
+        )
+    ]
+    lines.append("| chance | " + " | ".join(ch) + " |")
+    tok = sorted(
+        {(r["guidance"], r["tokens"]) for r in rows if r["suite"] == "tokens"}, key=lambda t: (t[0], t[1])
+    )
+    if tok:
+        lines += ["", "| guidance | tokens per image | colour | shape | both |", "|---|---|---|---|---|"]
+        for g, t in tok:
+            vals = [get("tokens", g, "image", m, t) for m in ("colour", "shape", "both")]
+            lines.append(f"| {g:g} | {t} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mumu_core.mini.evaluate", description=__doc__.split("\n")[0])
-    ap.add_argument("--generator", required=True, help="pipeline | oracle | random | package.module:factory")
+    ap.add_argument("--generator", help="pipeline | oracle | random | package.module:factory")
+    ap.add_argument(
+        "--summarise",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS",
+        help="only print one table over these results.json files (or their folders)",
+    )
     ap.add_argument("--vlm", help="pipeline: the mini Idefics2 folder")
     ap.add_argument("--bundle", help="pipeline: the trained bundle (.safetensors)")
     ap.add_argument("--sdxl", help="pipeline: the mini SDXL-class UNet folder (diffusers layout)")
@@ -720,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--generator-arg", action="append", default=[], metavar="KEY=VALUE", help="factory kwargs"
     )
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
     ap.add_argument(
         "--analyser", type=Path, default=None, help="analyser weights (default: the shipped ones)"
     )
@@ -742,6 +805,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
     args = ap.parse_args(argv)
+    if args.summarise:
+        print(summary_markdown(args.summarise), end="")
+        return 0
+    if not args.generator or not args.out:
+        ap.error("--generator and --out are required (or --summarise)")
 
     kwargs = {}
     for kv in args.generator_arg:

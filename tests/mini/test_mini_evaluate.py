@@ -135,11 +135,16 @@ def test_prompts_are_valid_interleaved_prompts() -> None:
     ip = case.prompt.to_interleaved()
     assert isinstance(ip, prompt_mod.InterleavedPrompt)
     assert len(ip.images) == 2 and all(r.tokens == 16 for r in ip.images)
-    assert case.prompt.text.startswith("a <image> ") and " and a" in case.prompt.text
+    # Each placeholder sits right before its word, as training's data rules place crops, so the
+    # evaluation's text segments are the training prompts' (no extra space token after an image).
+    assert case.prompt.text.startswith("a <image>") and " and a" in case.prompt.text
+    after_image = [ip.segments[i + 1] for i, s in enumerate(ip.segments[:-1]) if not isinstance(s, str)]
+    assert after_image and all(isinstance(t, str) and not t.startswith(" ") for t in after_image)
     text_only = case.prompt.without_images()
     assert "<image>" not in text_only.text and not text_only.images and not text_only.references
+    assert "  " not in text_only.text and text_only.text.startswith("a ")
     (style,) = E.style_cases(1, tokens=4)
-    assert "<image> background" in style.prompt.text
+    assert "<image>background" in style.prompt.text
 
 
 def test_harness_rejects_bad_generators(analyser: Analyser, tmp_path) -> None:

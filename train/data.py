@@ -406,8 +406,11 @@ class Prefetcher:
             raise item
         return item
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        # Join, not just signal: a daemon thread still inside torch/PIL code while the interpreter
+        # shuts down can abort the process (seen as SIGABRT of a rank after a successful run).
         self.stop.set()
+        self.thread.join(timeout)
 
 
 @dataclass

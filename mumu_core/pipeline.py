@@ -7,8 +7,8 @@ Defaults are the paper's: DDIM, 50 steps, CFG 6 (the preset's numbers).
 
 Memory: the VLM (7B for the real model) and the UNet never sit on the accelerator together. The
 conditioner is moved to the device only to encode, then back to the CPU before the UNet moves in.
-Each prompt is sampled on its own unpadded context (padding would add zero keys to cross-attention),
-so a batch of prompts gives the images of running them one by one, up to float rounding.
+Each prompt is encoded and sampled on its own unpadded context (padding would add zero keys to
+cross-attention), so a batch of prompts gives exactly the images of running them one by one.
 """
 
 from __future__ import annotations
@@ -122,21 +122,13 @@ class MumuPipeline:
         self._to(self.pipe.unet, "cpu")
         self._to(self.pipe.vae, "cpu")
         self._to(self.conditioner, self.device)
+        # One prompt at a time: a prompt's image must not depend on what else is in the batch, and
+        # batched (padded) matmuls round differently from unbatched ones.
         try:
-            cond = self.conditioner.encode(list(prompts))
+            out = [self.conditioner.encode([p]) for p in prompts]
         finally:
             self._to(self.conditioner, "cpu")
-        out = []
-        for b in range(len(prompts)):
-            n = int(cond.attention_mask[b].sum())
-            out.append(
-                SDXLConditioning(
-                    cond.context[b : b + 1, :n].cpu(),
-                    cond.pooled[b : b + 1].cpu(),
-                    cond.attention_mask[b : b + 1, :n].cpu(),
-                )
-            )
-        return out
+        return [c.to("cpu") for c in out]
 
     @torch.no_grad()
     def __call__(

@@ -112,10 +112,11 @@ def build_model(cfg: TrainConfig, preset: Preset, device: torch.device, log=prin
     from mumu_core.sdxl import load_sdxl
 
     torch.manual_seed(cfg.optim.seed)  # same fresh weights (connector, LoRA A) on every rank
+    load_dtype = DTYPES[cfg.model.frozen_dtype]
     encoder = MumuEncoder.from_pretrained(
-        cfg.model.vlm, dtype=torch.float32, device="cpu", hidden_state_layer=preset.hidden_state_layer
+        cfg.model.vlm, dtype=load_dtype, device="cpu", hidden_state_layer=preset.hidden_state_layer
     )
-    comps = load_sdxl(cfg.model.sdxl, preset, dtype=torch.float32, device="cpu")
+    comps = load_sdxl(cfg.model.sdxl, preset, dtype=load_dtype, device="cpu")
     unet, vae = comps.unet, comps.vae
     connector = MumuConnector(preset.connector)
     parts = cfg.parts
@@ -175,6 +176,8 @@ def build_model(cfg: TrainConfig, preset: Preset, device: torch.device, log=prin
         p.requires_grad_(
             (mode == "full" and not is_lora) or (mode == "lora" and is_lora and part not in frozen_lora_state)
         )
+        if p.requires_grad and p.dtype != torch.float32:  # fp32 masters, whatever frozen_dtype is
+            p.data = p.data.float()
     if cfg.model.gradient_checkpointing:
         encoder.enable_gradient_checkpointing()
         connector.gradient_checkpointing = True

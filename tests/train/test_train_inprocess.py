@@ -32,15 +32,23 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
-def test_only_intended_parameters_change_and_bundle_loads(tiny_models, shards, tmp_path):
+@pytest.mark.parametrize("frozen_dtype", ["fp32", "bf16"])
+def test_only_intended_parameters_change_and_bundle_loads(tiny_models, shards, tmp_path, frozen_dtype):
     from mumu_core.bundle import apply_unet_lora, load_bundle, load_conditioner
     from mumu_core.presets import TINY
     from mumu_core.prompt import InterleavedPrompt
     from mumu_core.sdxl import load_sdxl
 
-    cfg = tiny_cfg(tiny_models, shards, tmp_path / "run", "optim.max_steps=2", "checkpoint.every=2")
+    cfg = tiny_cfg(
+        tiny_models, shards, tmp_path / "run", "optim.max_steps=2", "checkpoint.every=2",
+        f"model.frozen_dtype={frozen_dtype}",
+    )  # fmt: skip
     trained: dict[str, torch.Tensor] = {}
     run(cfg, inspect=lambda built: trained.update({n: full(p) for n, p in built.model.named_parameters()}))
+    frozen_want = torch.bfloat16 if frozen_dtype == "bf16" else torch.float32
+    lora_dtypes = {v.dtype for n, v in trained.items() if "lora_" in n or n.startswith("connector.")}
+    assert lora_dtypes == {torch.float32}, "trainable parameters keep fp32 masters"
+    assert trained["unet.conv_in.weight"].dtype == frozen_want
 
     fresh = build_model(cfg, TINY, torch.device("cpu")).model  # the run's starting point (same seed)
     start = dict(fresh.named_parameters())

@@ -1,0 +1,105 @@
+"""The embedded MUMU-mini model: shipped weights match their record, shipping keeps outputs, the demo runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mumu_core.mini import demo as D
+from mumu_core.mini.__main__ import main
+
+
+@pytest.fixture()
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_shipped_weights_match_their_record() -> None:
+    meta = D.verify_model()  # every file's sha256, no file missing or extra
+    total = sum(p.stat().st_size for p in D.MODEL_DIR.rglob("*") if p.is_file())
+    assert total < 8_000_000, f"the embedded model should stay a few MB, it is {total / 1e6:.1f} MB"
+    for key in ("command", "hardware", "recipe", "dtype", "files"):
+        assert meta.get(key), f"model.json lacks {key}"
+    assert "scripts/train_mini.sh" in meta["command"]
+    assert meta["recipe"]["wall_s"] > 0
+    assert {"vlm/config.json", "sdxl/unet/config.json", "mumu.safetensors"} <= set(meta["files"])
+
+
+def test_verify_detects_a_changed_file(tmp_path: Path) -> None:
+    root = tmp_path / "model"
+    shutil.copytree(D.MODEL_DIR, root)
+    record = tmp_path / "model.json"
+    shutil.copy(D.MODEL_JSON, record)
+    D.verify_model(root, record)
+    cfg = root / "sdxl" / "unet" / "config.json"
+    cfg.write_text(cfg.read_text() + " ")
+    with pytest.raises(D.MiniModelError, match="sdxl/unet/config.json"):
+        D.verify_model(root, record)
+
+
+def test_ship_fp16_keeps_the_outputs(tmp_path: Path, one_thread) -> None:
+    from mumu_core.mini.evaluate import pipeline_generator, single_cases
+    from mumu_core.testing import build_tiny_models
+
+    models = build_tiny_models(tmp_path / "models", "mini")
+    export = tmp_path / "export"
+    shutil.copytree(models.vlm, export / "vlm")
+    shutil.copytree(models.sdxl, export / "sdxl")
+    shutil.copy(models.bundle, export / "mumu.safetensors")
+    record = D.ship(export, tmp_path / "weights", info={"command": "test"})
+    assert record["dtype"] == "float16" and record["command"] == "test"
+    shipped = D.model_paths(tmp_path / "weights" / "model")
+    D.verify_model(tmp_path / "weights" / "model", tmp_path / "weights" / "model.json")
+
+    prompts = [c.prompt for c in single_cases(4, 16)]
+    a = pipeline_generator(export / "vlm", export / "mumu.safetensors", export / "sdxl", steps=4)(
+        prompts, 1.5, 0
+    )
+    b = pipeline_generator(shipped.vlm, shipped.bundle, shipped.sdxl, steps=4)(prompts, 1.5, 0)
+    diff = max(np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max() for x, y in zip(a, b))
+    assert diff <= 8, f"fp16 shipping moved pixels by {diff}/255"
+
+
+def test_model_paths_names_what_is_missing(tmp_path: Path) -> None:
+    (tmp_path / "vlm").mkdir()
+    with pytest.raises(D.MiniModelError, match="mumu.safetensors"):
+        D.model_paths(tmp_path)
+
+
+def test_demo_command_writes_pngs(tmp_path: Path, one_thread) -> None:
+    prompts = D.load_demo_prompts()
+    assert any(len(p.images) == 2 and "ref2" in p.images[1] for p in prompts), "a two-crop prompt"
+    assert any(p.images and p.images[-1].endswith("_bg.png") for p in prompts), "a style reference"
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--samples", "1", "--steps", "2"]) == 0
+    for p in prompts:
+        im = Image.open(out / f"{p.name}_0.png")
+        assert im.size == (24, 24)
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.height > 24 * len(prompts)
+
+
+def test_demo_assets_are_reproducible(tmp_path: Path) -> None:
+    prompts = D.make_demo_assets(tmp_path)
+    assert json.loads((tmp_path / "prompts.json").read_text()) == json.loads(
+        (D.DEMO_DIR / "prompts.json").read_text()
+    )
+    for p in prompts:
+        for f in p.images:
+            assert np.array_equal(
+                np.asarray(Image.open(tmp_path / f)), np.asarray(Image.open(D.DEMO_DIR / f))
+            )
+
+
+def test_demo_on_a_missing_model_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "nothing")]) == 2
+    assert "not a complete MUMU-mini model" in capsys.readouterr().err

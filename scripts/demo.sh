@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+# One intra-op thread: on 2 shared cores spinning OpenMP workers slow everything down many times.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 out=outputs/demo
 args=()
 while [ $# -gt 0 ]; do

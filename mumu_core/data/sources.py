@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import tarfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,17 +50,17 @@ class SourceItem:
     error: str | None = None
 
 
-class Source:
-    """Base class: ``num_parts()`` and ``read_part(i)``."""
+class Source(ABC):
+    """A set of text-image pairs split into parts (the unit of work and of resuming)."""
 
     name = "source"
     needs_detector = True
 
-    def num_parts(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def num_parts(self) -> int: ...
 
-    def read_part(self, index: int) -> Iterator[SourceItem]:
-        raise NotImplementedError
+    @abstractmethod
+    def read_part(self, index: int) -> Iterator[SourceItem]: ...
 
     def describe(self) -> dict:
         return {"type": self.name}

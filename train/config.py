@@ -94,6 +94,13 @@ class DataConfig:
     # Tokens per reference image; 0 = the preset's tokens_per_image in stage 1 and 4x that in stage 2
     # (real: 324 and 1296, the paper's numbers).
     tokens_per_image: int = 0
+    # When not empty, each reference image draws its tokens uniformly from this list instead (every
+    # entry a square number), so one model serves several token budgets (Finding 1 at inference).
+    # Single process only: under FSDP, images of different sides take different vision-tower calls.
+    tokens_choices: list[int] = field(default_factory=list)
+    # Stage 1: each chosen crop is left out (its words stay) with this probability, as when a detector
+    # misses an object; a prompt can end up text-only, which keeps text-only prompts in distribution.
+    image_drop_prob: float = 0.0
     max_crops: int = 3  # stage 1: up to this many object crops per prompt
     max_images: int = 4  # crops + control image
     control_prob: float = 0.3  # stage 1: an extra canny / depth / sketch image of the whole input

@@ -22,8 +22,11 @@ Documented choices (docs/TRAINING.md, "Data rules"):
 - Targets are cropped, not bucketed: the shorter side is resized to the resolution, then a random (or
   centre) square crop; SDXL's micro-conditioning gets the source size, the crop's top-left in the
   resized image and the target size, as SDXL was trained.
-- A sample without any usable image is skipped: every training prompt is multimodal, which also keeps
-  every process's vision-tower work non-empty under FSDP.
+- A sample without any usable image is skipped. With ``image_drop_prob`` (default 0) each chosen crop
+  is left out while its words stay, as when a detector misses an object, so some prompts are
+  text-only: the text-only baseline of an evaluation is then in distribution. Under FSDP every
+  process's batch must still hold an image (the loop checks it).
+- ``tokens_choices`` (default empty): each image draws its token count from the list (single process).
 """
 
 from __future__ import annotations
@@ -73,14 +76,20 @@ class Rules:
     head_prob: float = 0.7
     augment_prob: float = 0.2
     target_crop: str = "random"
+    tokens_choices: tuple[int, ...] = ()
+    image_drop_prob: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: DataConfig, preset_tokens: int, preset_resolution: int) -> Rules:
         tokens = cfg.tokens_per_image or preset_tokens * (4 if cfg.stage == 2 else 1)
         try:
             check_tokens(tokens)
+            for t in cfg.tokens_choices:
+                check_tokens(t)
         except ValueError as e:
-            raise DataError(f"data.tokens_per_image: {e}") from None
+            raise DataError(f"data.tokens_per_image / data.tokens_choices: {e}") from None
+        if not 0.0 <= cfg.image_drop_prob < 1.0:
+            raise DataError(f"data.image_drop_prob must be in [0, 1), got {cfg.image_drop_prob}")
         return cls(
             stage=cfg.stage,
             tokens=tokens,
@@ -91,6 +100,8 @@ class Rules:
             head_prob=cfg.head_prob,
             augment_prob=cfg.augment_prob,
             target_crop=cfg.target_crop,
+            tokens_choices=tuple(cfg.tokens_choices),
+            image_drop_prob=cfg.image_drop_prob,
         )
 
     def deterministic(self) -> Rules:
@@ -98,6 +109,9 @@ class Rules:
         return Rules(
             self.stage, self.tokens, self.resolution, self.max_crops, self.max_images, 0.0, 0.0, 0.0, "center"
         )
+
+    def image_tokens(self, rng: random.Random) -> int:
+        return rng.choice(self.tokens_choices) if self.tokens_choices else self.tokens
 
 
 @dataclass
@@ -193,14 +207,13 @@ def maybe_augment(image: Image.Image, rules: Rules, rng: random.Random) -> Image
 
 def build_prompt(
     caption: str,
-    placed: Sequence[tuple[int, Image.Image]],
-    control: tuple[str, Image.Image] | None,
-    tokens: int,
+    placed: Sequence[tuple[int, Image.Image, int]],
+    control: tuple[str, Image.Image, int] | None,
 ) -> InterleavedPrompt:
-    """Insert each image right before the caption position it belongs to; append the control."""
+    """Insert each (position, image, tokens) right before its caption position; append the control."""
     segs: list[str | ImageRef] = []
     pos = 0
-    for start, img in sorted(placed, key=lambda p: p[0]):
+    for start, img, tokens in sorted(placed, key=lambda p: p[0]):
         start = min(max(start, 0), len(caption))
         if start > pos:
             segs.append(caption[pos:start])
@@ -209,7 +222,7 @@ def build_prompt(
     if pos < len(caption):
         segs.append(caption[pos:])
     if control is not None:
-        kind, img = control
+        kind, img, tokens = control
         segs.append(CONTROL_PHRASES[kind])
         segs.append(ImageRef(img, tokens))
     return InterleavedPrompt(tuple(s for s in segs if not isinstance(s, str) or s))
@@ -243,17 +256,20 @@ def make_example(sample: Sample, rules: Rules, rng: random.Random) -> Example | 
     chosen = choose_objects(rec, sample.members, rules, rng)
     placed = []
     for i in chosen:
+        if rules.image_drop_prob and rng.random() < rules.image_drop_prob:
+            continue  # the words stay, the image goes
         member = crop_member(objs[i], sample.members, rules, rng)
         img = maybe_augment(sample.members[member], rules, rng)
-        placed.append((objs[i]["span"][0], img))
+        placed.append((objs[i]["span"][0], img, rules.image_tokens(rng)))
     control = None
     kind = choose_control(rec, sample.members, len(placed), rules, rng)
     if kind is not None:
-        control = (kind, maybe_augment(sample.members[rec["controls"][kind]], rules, rng))
-    if not placed and control is None:
-        return None
+        img = maybe_augment(sample.members[rec["controls"][kind]], rules, rng)
+        control = (kind, img, rules.image_tokens(rng))
+    if not chosen and control is None:
+        return None  # nothing this sample could condition on
     target, time_ids = target_crop(sample.image, rules.resolution, rules.target_crop, rng)
-    return Example(sample.key, build_prompt(caption, placed, control, rules.tokens), target, time_ids)
+    return Example(sample.key, build_prompt(caption, placed, control), target, time_ids)
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> random.Random:

@@ -267,6 +267,10 @@ def _run(
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
     rules = Rules.from_config(cfg.data, preset.tokens_per_image, preset.resolution)
+    if world > 1 and len(set(rules.tokens_choices)) > 1:
+        # Images of different sides take different vision-tower calls, which FSDP's per-block
+        # collectives would have to match across processes.
+        raise ValueError("data.tokens_choices with more than one value needs a single process")
     prediction_type = (
         preset.scheduler.get("prediction_type", "epsilon")
         if cfg.diffusion.prediction_type == "preset"
@@ -375,6 +379,12 @@ def _run(
                         batch = next(batch_iter)
                     except StopIteration:
                         raise RuntimeError("the data stream ended unexpectedly") from None
+                    if world > 1 and not any(p.images for p in batch.prompts):
+                        raise RuntimeError(
+                            "a batch of this process has no image (data.image_drop_prob): under FSDP"
+                            " every process must run the vision tower; lower image_drop_prob or"
+                            " raise optim.batch_size"
+                        )
                     # Reduce-scatter the gradients only on the last micro-step of the accumulation.
                     model.set_requires_gradient_sync(micro == accum - 1)
                     loss = training_loss(built, batch, device, gen, cfg, prediction_type)

@@ -175,7 +175,7 @@ def test_augment_20_percent_one_operation_each():
 
 def test_prompt_places_each_crop_before_its_words_and_tokens_are_the_target():
     a, b = colour(1, (3, 5)), colour(2, (300, 100))
-    p = build_prompt("a man and his dog", [(14, b), (2, a)], None, 324)
+    p = build_prompt("a man and his dog", [(14, b, 324), (2, a, 324)], None)
     assert p.to_text() == "a <image1>man and his <image2>dog"
     assert [r.tokens for r in p.images] == [324, 324]
     # Crops are padded square with black and resized to the target's side, upsampled when small.
@@ -222,3 +222,37 @@ def test_missing_shards_error(tmp_path):
 
     with pytest.raises(DataError, match="matches no file"):
         expand_shards([str(tmp_path / "nope-*.tar")])
+
+
+def test_image_drop_keeps_the_words_and_can_leave_a_text_only_prompt():
+    s = record(n_obj=1, persons=(), controls=())
+    kept = text_only = 0
+    for i in range(N):
+        ex = make_example(s, rules(image_drop_prob=0.3, control_prob=0.0), random.Random(i))
+        assert ex is not None and "w0" in ex.prompt.to_text()  # the caption always stays whole
+        if ex.prompt.images:
+            kept += 1
+        else:
+            text_only += 1
+            assert ex.prompt.to_text() == s.record["caption"]
+    assert within(text_only, N, 0.3), text_only
+    # The default keeps every chosen crop; a record with no usable crop is still skipped.
+    assert all(make_example(s, rules(control_prob=0.0), random.Random(i)).prompt.images for i in range(50))
+    empty = record(n_obj=0, persons=(), controls=())
+    assert make_example(empty, rules(image_drop_prob=0.3), random.Random(0)) is None
+
+
+def test_tokens_choices_drawn_per_image():
+    s = record(n_obj=3, persons=(), controls=())
+    r = Rules.from_config(DataConfig(tokens_per_image=16, tokens_choices=[1, 4, 16]), 16, 24)
+    seen = Counter()
+    for i in range(300):
+        ex = make_example(s, r, random.Random(i))
+        seen.update(ref.tokens for ref in ex.prompt.images)
+    assert set(seen) == {1, 4, 16} and all(within(seen[t], 900, 1 / 3) for t in (1, 4, 16)), seen
+    from train.data import DataError
+
+    with pytest.raises(DataError, match="tokens_choices"):
+        Rules.from_config(DataConfig(tokens_choices=[5]), 16, 24)
+    with pytest.raises(DataError, match="image_drop_prob"):
+        Rules.from_config(DataConfig(image_drop_prob=1.0), 16, 24)

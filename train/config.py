@@ -85,6 +85,10 @@ class DiffusionConfig:
     cond_dropout: float = 0.1  # fraction of samples trained with the negative conditioning (for CFG)
     ema: bool = False
     ema_decay: float = 0.999
+    # Min-SNR-gamma loss weighting (Hang et al. 2023, as diffusers' training examples' --snr_gamma):
+    # each sample's loss is weighted by min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v), which
+    # shifts the effort to the middle noise levels where layout and shape are decided. 0 = plain MSE.
+    snr_gamma: float = 0.0
 
 
 @dataclass

@@ -131,7 +131,19 @@ def training_loss(
     pred = built.model(
         "loss", prompts=batch.prompts, noisy=noisy, timesteps=t, time_ids=batch.time_ids.to(device), drop=drop
     )
-    return F.mse_loss(pred.float(), target.float())
+    if not cfg.diffusion.snr_gamma:
+        return F.mse_loss(pred.float(), target.float())
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    return (per_sample * min_snr_weights(sched, t, cfg.diffusion.snr_gamma, prediction_type)).mean()
+
+
+def min_snr_weights(sched, t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma weights of timesteps ``t`` (zero-terminal-SNR schedules give weight 0 at SNR 0)."""
+    alphas = sched.alphas_cumprod.to(t.device)[t].double()
+    snr = alphas / (1 - alphas).clamp_min(1e-20)
+    clipped = snr.clamp(max=gamma)
+    denom = snr + 1 if prediction_type == "v_prediction" else snr.clamp_min(1e-8)
+    return (clipped / denom).float()
 
 
 @torch.no_grad()

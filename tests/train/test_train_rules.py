@@ -256,3 +256,20 @@ def test_tokens_choices_drawn_per_image():
         Rules.from_config(DataConfig(tokens_choices=[5]), 16, 24)
     with pytest.raises(DataError, match="image_drop_prob"):
         Rules.from_config(DataConfig(image_drop_prob=1.0), 16, 24)
+
+
+def test_min_snr_weights_match_the_formula():
+    from diffusers import DDIMScheduler
+
+    from train.loop import min_snr_weights
+
+    sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True)
+    t = torch.tensor([0, 250, 500, 750, 999])
+    a = sched.alphas_cumprod[t].double()
+    snr = a / (1 - a)
+    v = min_snr_weights(sched, t, 5.0, "v_prediction")
+    assert torch.allclose(v.double(), snr.clamp(max=5) / (snr + 1), atol=1e-6)
+    assert v[-1] == 0  # zero terminal SNR: the pure-noise step carries no weight
+    assert v[0] < 0.01 and 0.3 < v.max() <= 1  # almost-clean steps are down-weighted too
+    eps = min_snr_weights(sched, t[:-1], 5.0, "epsilon")
+    assert torch.allclose(eps.double(), snr[:-1].clamp(max=5) / snr[:-1], atol=1e-6)

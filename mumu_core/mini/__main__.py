@@ -6,7 +6,8 @@
     python -m mumu_core.mini ship --export runs/mini/train/export/step_N [--recipe runs/mini/recipe.json]
     python -m mumu_core.mini demo-assets                      # rewrites mumu_core/mini/demo/
 
-The analyser and the evaluation have their own CLIs: ``python -m mumu_core.mini.analyser`` and
+The analyser, the evaluation and the conditioning probe have their own CLIs:
+``python -m mumu_core.mini.analyser``, ``python -m mumu_core.mini.probe`` and
 ``python -m mumu_core.mini.evaluate``.
 """
 

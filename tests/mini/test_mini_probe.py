@@ -1,0 +1,41 @@
+"""The conditioning probe separates "the conditioning lacks it" from "the UNet does not render it"."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mumu_core.mini import demo as D
+from mumu_core.mini import probe as P
+
+
+def test_linear_probe_reads_a_linear_label_and_not_noise() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 400)
+    informative = torch.from_numpy(np.eye(4)[labels] + 0.1 * rng.normal(size=(400, 4))).float()
+    noise = torch.from_numpy(rng.normal(size=(400, 4))).float()
+    assert P.linear_probe(informative, labels, 300, 4) > 0.95
+    assert P.linear_probe(noise, labels, 300, 4) < 0.45  # chance 0.25
+
+
+def test_probe_cases_are_held_out_and_balanced_enough() -> None:
+    prompts, colours, shapes = P.probe_cases(120, 16)
+    assert all(p.to_text() == "a <image1>shape on a background" and p.images[0].tokens == 16 for p in prompts)
+    assert set(colours) == set(range(6)) and set(shapes) == set(range(4))
+
+
+def test_shipped_model_conditioning_carries_colour_and_shape(tmp_path) -> None:
+    torch.set_num_threads(1)
+    result = P.run_probe(D.MODEL_DIR, count=300, n_train=200)
+    ctx, pixels = result.accuracy["context"], result.accuracy["pixels"]
+    assert ctx["colour"] >= 0.9 and ctx["shape"] >= 0.7, result
+    # Raw pixels are the floor: shape is not linear in them, so the encoder did the work.
+    assert ctx["shape"] >= pixels["shape"] + 0.3, result
+    out = tmp_path / "probe.json"
+    assert P.main(["--model", str(D.MODEL_DIR), "--count", "60", "--n-train", "40", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["n_test"] == 20
+    with pytest.raises(ValueError, match="n_train"):
+        P.run_probe(D.MODEL_DIR, count=10, n_train=10)

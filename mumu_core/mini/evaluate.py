@@ -398,6 +398,9 @@ class EvalReport:
     chance: dict[str, dict[str, float]]
     rows: list[dict] = field(default_factory=list)
     targets: list[dict] = field(default_factory=list)
+    # "single g=<guidance> <condition>" -> counts[reference shape][detected shape], last column: no object.
+    # A model that renders shapes but ignores the reference's has flat rows.
+    shape_confusion: dict[str, list[list[int]]] = field(default_factory=dict)
 
     def row(self, **match: Any) -> dict:
         hits = [r for r in self.rows if all(r.get(k) == v for k, v in match.items())]
@@ -422,6 +425,15 @@ def _generate(
                 raise TypeError(f"generator must return PIL images, got {type(im).__name__}")
         out.extend(images)
     return out
+
+
+def shape_confusion(cases: Sequence[Case], analyses: Sequence[Analysis]) -> list[list[int]]:
+    """Single-object cases: counts[reference shape][largest detection's shape], last column no object."""
+    counts = np.zeros((len(SHAPES), len(SHAPES) + 1), dtype=int)
+    for case, analysis in zip(cases, analyses, strict=True):
+        found = SHAPES.index(analysis.detections[0].shape) if analysis.detections else len(SHAPES)
+        counts[SHAPES.index(case.objects[0][1]), found] += 1
+    return counts.tolist()
 
 
 def _mean(scores: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -494,6 +506,8 @@ def run_evaluation(
         )
         analyses = analyser.analyse(images, max_objects=2)
         scores = [score_case(c, a) for c, a in zip(cs, analyses, strict=True)]
+        if suite == "single":
+            report.shape_confusion[f"single g={guidance:g} {condition}"] = shape_confusion(cs, analyses)
         report.rows.append(
             {
                 "suite": suite,
@@ -628,6 +642,7 @@ def _write(
         "chance": report.chance,
         "rows": report.rows,
         "targets": report.targets,
+        "shape_confusion": report.shape_confusion,
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "results.md").write_text(to_markdown(report))
@@ -701,6 +716,17 @@ def to_markdown(report: EvalReport) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         ch = report.chance.get("single" if suite == "tokens" else suite, {})
         lines.append("| chance | | | | " + " | ".join(_fmt(ch[m]) if m in ch else "" for m in metrics) + " |")
+    key = f"single g={cfg['guidance']:g} image"
+    if key in report.shape_confusion:
+        lines += [
+            "",
+            f"## Shape confusion ({key}): rows the reference's shape, columns the generated object's",
+            "",
+            "| reference | " + " | ".join(SHAPES) + " | no object |",
+            "|---" * (len(SHAPES) + 2) + "|",
+        ]
+        for shape, counts in zip(SHAPES, report.shape_confusion[key], strict=True):
+            lines.append(f"| {shape} | " + " | ".join(str(c) for c in counts) + " |")
     return "\n".join(lines) + "\n"
 
 

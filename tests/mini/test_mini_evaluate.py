@@ -47,6 +47,10 @@ def test_oracle_scores_one(analyser: Analyser, tmp_path) -> None:
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["rows"] and data["targets"] and data["chance"]["single"]["colour"] == pytest.approx(1 / 6)
     assert "| single: colour |" in (tmp_path / "results.md").read_text()
+    # The oracle renders the reference's shape: its confusion matrix is diagonal.
+    conf = np.array(data["shape_confusion"]["single g=1.5 image"])
+    assert conf.sum() == SMALL.n_single and np.trace(conf) >= 0.98 * SMALL.n_single
+    assert "## Shape confusion (single g=1.5 image)" in (tmp_path / "results.md").read_text()
     for suite in ("single", "pair", "style", "tokens"):
         sheet = Image.open(tmp_path / f"sheet_{suite}_g1.5.png")
         assert sheet.width > 200 and sheet.height > 200
@@ -90,6 +94,9 @@ def test_balanced_cases_make_a_constant_generator_score_exactly_chance(analyser:
     for cond in ("image", "text_only"):
         row = report.row(suite="single", condition=cond)
         assert row["colour"] == pytest.approx(1 / 6) and row["shape"] == pytest.approx(1 / 4)
+        # Always a circle, whatever the reference: one full column, 12 cases per reference shape.
+        conf = np.array(report.shape_confusion[f"single g=1.5 {cond}"])
+        assert conf[:, W.SHAPES.index("circle")].tolist() == [12, 12, 12, 12] and conf.sum() == 48
     assert all(t["pass"] for t in report.targets if t["name"].startswith("text-only"))
 
 

@@ -10,7 +10,7 @@ Demo assets (``mumu_core/mini/demo/``): reference PNGs and ``prompts.json``. The
 one prompt are crops of DIFFERENT source images.
 
     python -m mumu_core.mini demo --out outputs/demo
-    python -m mumu_core.mini ship --export runs/mini/train/export/step_00002400 --recipe runs/mini/recipe.json
+    python -m mumu_core.mini ship --export runs/mini/train/export/step_00004400 --recipe runs/mini/recipe.json
     python -m mumu_core.mini demo-assets            # rewrites mumu_core/mini/demo/
 """
 

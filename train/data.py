@@ -38,7 +38,7 @@ import queue
 import random
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -106,8 +106,14 @@ class Rules:
 
     def deterministic(self) -> Rules:
         """The same rules without randomness in the conditioning (for the fixed sample prompts)."""
-        return Rules(
-            self.stage, self.tokens, self.resolution, self.max_crops, self.max_images, 0.0, 0.0, 0.0, "center"
+        return replace(
+            self,
+            control_prob=0.0,
+            head_prob=0.0,
+            augment_prob=0.0,
+            target_crop="center",
+            tokens_choices=(),
+            image_drop_prob=0.0,
         )
 
     def image_tokens(self, rng: random.Random) -> int:

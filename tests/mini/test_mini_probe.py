@@ -27,8 +27,7 @@ def test_probe_cases_are_held_out_and_balanced_enough() -> None:
     assert set(colours) == set(range(6)) and set(shapes) == set(range(4))
 
 
-def test_shipped_model_conditioning_carries_colour_and_shape(tmp_path) -> None:
-    torch.set_num_threads(1)
+def test_shipped_model_conditioning_carries_colour_and_shape(tmp_path, one_thread) -> None:
     result = P.run_probe(D.MODEL_DIR, count=300, n_train=200)
     ctx, pixels = result.accuracy["context"], result.accuracy["pixels"]
     assert ctx["colour"] >= 0.9 and ctx["shape"] >= 0.7, result

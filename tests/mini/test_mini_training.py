@@ -7,8 +7,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 
 from mumu_core.mini import evaluate as E
 from mumu_core.mini.analyser import Analyser
@@ -22,15 +20,6 @@ CONFIGS = Path(__file__).parents[2] / "train" / "configs"
 STEPS = 120
 N_CASES = 48
 MARGIN = 0.15
-
-
-@pytest.fixture()
-def one_thread():
-    # On 2 shared cores, OpenMP's spinning threads slow a step ~15x when anything else runs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def colour_accuracy(vlm, bundle, sdxl, cases, analyser: Analyser) -> float:

@@ -48,6 +48,7 @@ class SourceItem:
     objects: list[dict] | None = None  # known boxes: skip the detector
     phrases: list[dict] | None = None  # caller-supplied phrases [{"phrase", "span"}]
     error: str | None = None
+    meta: dict | None = None  # webdataset: the sample's json (img2dataset: url, key, ...), for tracing
 
 
 class Source(ABC):
@@ -83,6 +84,14 @@ def _expand(paths: str | os.PathLike | Sequence[str | os.PathLike], suffixes: tu
     return sorted(set(out))
 
 
+def _json_meta(data: bytes | None) -> dict | None:
+    try:
+        meta = json.loads(data) if data else None
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def _json_caption(data: bytes) -> str | None:
     try:
         meta = json.loads(data)
@@ -99,8 +108,11 @@ class WebDatasetSource(Source):
 
     name = "webdataset"
 
-    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike]):
+    def __init__(
+        self, paths: str | os.PathLike | Sequence[str | os.PathLike], captions_required: bool = True
+    ):
         self.paths = [str(p) for p in _expand(paths, (".tar",))]
+        self.captions_required = captions_required  # curate captions images itself
 
     def num_parts(self) -> int:
         return len(self.paths)
@@ -120,9 +132,9 @@ class WebDatasetSource(Source):
                 cap = _json_caption(members["json"])
             if img is None:
                 return SourceItem(key, error="no image member (jpg/jpeg/png/webp)")
-            if cap is None:
+            if cap is None and self.captions_required:
                 return SourceItem(key, error="no caption (key.txt or a 'caption' field in key.json)")
-            return SourceItem(key, image_bytes=img, caption=cap)
+            return SourceItem(key, image_bytes=img, caption=cap, meta=_json_meta(members.get("json")))
 
         try:
             with tarfile.open(path, "r:*") as tf:
@@ -153,10 +165,11 @@ class FolderSource(Source):
 
     name = "folder"
 
-    def __init__(self, root: str | os.PathLike, images_per_part: int = 1000):
+    def __init__(self, root: str | os.PathLike, images_per_part: int = 1000, captions_required: bool = True):
         self.root = str(root)
         self.images = [str(p) for p in _expand(root, IMAGE_EXTS)]
         self.images_per_part = int(images_per_part)
+        self.captions_required = captions_required  # curate captions images itself
 
     def num_parts(self) -> int:
         return (len(self.images) + self.images_per_part - 1) // self.images_per_part
@@ -170,12 +183,11 @@ class FolderSource(Source):
             key = os.path.relpath(p, self.root)
             txt = Path(p).with_suffix(".txt")
             try:
-                if not txt.is_file():
+                if not txt.is_file() and self.captions_required:
                     yield SourceItem(key, error=f"no caption file {txt}")
                     continue
-                yield SourceItem(
-                    key, image_bytes=Path(p).read_bytes(), caption=txt.read_text("utf-8").strip()
-                )
+                cap = txt.read_text("utf-8").strip() if txt.is_file() else None
+                yield SourceItem(key, image_bytes=Path(p).read_bytes(), caption=cap)
             except OSError as e:
                 yield SourceItem(key, error=f"cannot read {p}: {e}")
 
@@ -193,11 +205,13 @@ class ParquetSource(Source):
         image_column: str | None = None,
         caption_column: str | None = None,
         image_root: str | os.PathLike | None = None,
+        captions_required: bool = True,
     ):
         import pyarrow.parquet as pq
 
         self.files = [str(p) for p in _expand(paths, (".parquet",))]
         self.image_root = str(image_root) if image_root is not None else None
+        self.captions_required = captions_required  # curate captions images itself
         self.parts: list[tuple[str, int]] = []
         cols = None
         for f in self.files:
@@ -212,6 +226,9 @@ class ParquetSource(Source):
             ("image", self.image_column, self.IMAGE_COLUMNS),
             ("caption", self.caption_column, self.CAPTION_COLUMNS),
         ):
+            if what == "caption" and not captions_required and caption_column is None and col not in names:
+                self.caption_column = None  # curate captions images itself: no caption column is fine
+                continue
             if col is None or col not in names:
                 raise ValueError(
                     f"parquet {self.files[0]} has no {what} column (columns: {names}); name it with "
@@ -248,7 +265,7 @@ class ParquetSource(Source):
         import pyarrow.parquet as pq
 
         f, group = self.parts[index]
-        cols = [self.image_column, self.caption_column] + ([self.key_column] if self.key_column else [])
+        cols = [self.image_column] + [c for c in (self.caption_column, self.key_column) if c]
         try:
             table = pq.ParquetFile(f).read_row_group(group, columns=cols)
         except Exception as e:  # pyarrow raises several types for a damaged file
@@ -259,8 +276,8 @@ class ParquetSource(Source):
         rows = table.to_pylist()
         for r, row in enumerate(rows):
             key = str(row[self.key_column]) if self.key_column else f"{Path(f).stem}:{group}:{r}"
-            cap = row[self.caption_column]
-            if not isinstance(cap, str):
+            cap = row[self.caption_column] if self.caption_column else None
+            if not isinstance(cap, str) and (self.captions_required or cap is not None):
                 yield SourceItem(key, error=f"caption is {type(cap).__name__}, not text")
                 continue
             try:

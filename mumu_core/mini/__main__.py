@@ -26,6 +26,11 @@ from .world import DEFAULT_WORLD, SPLITS, bootstrap_config, bootstrap_source, re
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["base-t2i"]:
+        from .base_t2i import main as base_t2i_main
+
+        return base_t2i_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m mumu_core.mini", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bootstrap", help="render scenes and bootstrap them into shards (known boxes)")
@@ -54,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--fp32", action="store_true", help="keep float32 (default: float16 files)")
     s.add_argument("--weights", type=Path, default=None, help="destination (default: the package's)")
     sub.add_parser("demo-assets", help="rewrite the bundled demo prompts and references")
+    sub.add_parser(
+        "base-t2i", help="the mini text-to-image base and fine-tune: train, finetune, check (see its --help)"
+    )
     args = ap.parse_args(argv)
 
     if args.cmd in ("demo", "ship", "demo-assets"):

@@ -43,7 +43,7 @@ def test_short_training_raises_colour_fidelity(tmp_path: Path, one_thread) -> No
         bootstrap_source("train", 2000, images_per_part=2000), shards, bootstrap_config(), progress=False
     )
     cfg = load_config(
-        CONFIGS / "mini.yaml",
+        CONFIGS / "mini_scratch.yaml",
         [
             f"model.vlm={models.vlm}",
             f"model.sdxl={models.sdxl}",

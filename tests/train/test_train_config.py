@@ -73,7 +73,7 @@ def test_validate_names_problems():
         assert key in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "mini.yaml", "stage1.yaml", "stage2.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "mini.yaml", "mini_scratch.yaml", "stage1.yaml", "stage2.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name, ["model.vlm=v", "model.sdxl=s", "data.shards=x.tar"])
     cfg.validate()
@@ -81,6 +81,11 @@ def test_shipped_configs_load(name):
         assert cfg.model.preset == "real" and cfg.data.stage == int(name[5])
     if name == "stage2.yaml":
         assert cfg.model.init_bundle, "stage 2 starts from stage 1's bundle"
-    if name == "mini.yaml":
+    if name == "mini_scratch.yaml":
         assert all(getattr(cfg.parts, p).mode == "full" for p in ("vlm", "connector", "unet"))
         assert cfg.diffusion.ema
+    if name in ("mini.yaml", "stage1.yaml"):  # Table 1's structure: what trains and how
+        p = cfg.parts
+        assert p.vision.mode == "frozen" and p.connector.mode == "full"
+        assert (p.vlm.mode, p.vlm.rank, p.unet.mode, p.unet.rank) == ("lora", 8, "lora", 8)
+        assert p.connector.lr > p.unet.lr > p.vlm.lr  # Table 1: 1e-5 > 5e-6 > 3e-6

@@ -146,7 +146,7 @@ def test_mini_full_training_ema_exports_loadable_folders(tmp_path, shards):
     mini = build_tiny_models(tmp_path / "mini_models", "mini")
     out = tmp_path / "run"
     cfg = load_config(
-        CONFIGS / "mini.yaml",
+        CONFIGS / "mini_scratch.yaml",
         [
             f"model.vlm={mini.vlm}",
             f"model.sdxl={mini.sdxl}",

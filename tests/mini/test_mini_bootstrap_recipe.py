@@ -1,0 +1,131 @@
+"""MUMU-mini v2 at a shortened length: the text-to-image base and its fine-tune train and reload, and the
+MUMU stage on top follows Table 1's structure (vision frozen, VLM + modality projection LoRA rank 8,
+connector fully trained, UNet LoRA rank 8, CLIP unused) through the real trainer and formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mumu_core.mini import base_t2i as T
+from mumu_core.mini.world import COLOURS, SHAPES, scene_at
+
+CONFIGS = Path(__file__).parents[2] / "train" / "configs"
+
+
+def test_base_caption_names_every_attribute_and_mumu_caption_none() -> None:
+    for i in range(50):
+        s = scene_at("train", i)
+        cap = T.base_caption(s)
+        for o in s.objects:
+            assert f"{o.colour} {o.shape}" in cap
+        assert f"{s.background.style} background" in cap
+        assert not any(w in s.caption.split() for w in (*COLOURS, *SHAPES))  # the MUMU caption
+        ids = T.make_text_tokenizer()(cap).input_ids
+        assert T.make_text_tokenizer().unk_token_id not in ids, cap
+
+
+def test_frame_style_and_rule() -> None:
+    imgs = np.stack([np.asarray(T.render_batch([scene_at("eval", i)])[0]) for i in range(20)])
+    assert (T.frame_score(imgs) >= T.FRAMED_MAX_BRIGHTNESS).all(), "the base world never looks framed"
+    assert (T.frame_score(T.apply_style(imgs, "framed")) < T.FRAMED_MAX_BRIGHTNESS).all()
+    with pytest.raises(T.BaseModelError, match="framed"):
+        T.apply_style(imgs, "sepia")
+
+
+def test_base_trains_resumes_exactly_and_loads_as_sdxl(tmp_path: Path, one_thread) -> None:
+    from mumu_core.presets import MINI
+    from mumu_core.sdxl import load_sdxl
+
+    def run(out: Path, steps: int) -> Path:
+        cfg = T.T2ITrainConfig(out=out, max_steps=steps, batch_size=4, warmup_steps=1, checkpoint_every=2)
+        return T.train_t2i(cfg, log=lambda _m: None)
+
+    straight = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    resumed = run(tmp_path / "b", 4)
+    a = T.load_t2i(straight)
+    b = T.load_t2i(resumed)
+    for (k, p), q in zip(a.unet.state_dict().items(), b.unet.state_dict().values(), strict=True):
+        assert torch.equal(p, q), f"resume is not exact at {k}"
+    comps = load_sdxl(straight, MINI)  # the trainer's loader reads the base like an SDXL folder
+    assert list(comps.unet.config.block_out_channels) == T.BASE_UNET["block_out_channels"]
+    hist = json.loads((tmp_path / "b" / "train.json").read_text())
+    assert hist["step"] == 4 and hist["finished"]
+    ctx, pooled = a.embed(["a red circle on a flat background", ""])
+    assert ctx.shape == (2, T.TEXT_MAX_LEN, MINI.unet["cross_attention_dim"])
+    assert pooled.shape == (2, MINI.connector.pooled_dim)
+    assert not torch.allclose(ctx[0], ctx[1])
+    img = T.generate(a, ["a red circle on a flat background"], guidance=2.0, steps=2)
+    assert img.shape == (1, 24, 24, 3) and img.dtype == np.uint8
+
+
+def test_finetune_starts_from_the_base_and_freezes_clip(tmp_path: Path, one_thread) -> None:
+    base = T.train_t2i(
+        T.T2ITrainConfig(out=tmp_path / "base", max_steps=1, batch_size=2), log=lambda _m: None
+    )
+    cfg = T.T2ITrainConfig(
+        out=tmp_path / "ft", max_steps=2, batch_size=2, init=base, style="framed", train_text_encoder=False
+    )
+    ft = T.train_t2i(cfg, log=lambda _m: None)
+    b, f = T.load_t2i(base), T.load_t2i(ft)
+    for p, q in zip(b.text_encoder.state_dict().values(), f.text_encoder.state_dict().values(), strict=True):
+        assert torch.equal(p, q)
+    assert any(
+        not torch.equal(p, q)
+        for p, q in zip(b.unet.state_dict().values(), f.unet.state_dict().values(), strict=True)
+    )
+
+
+def test_mumu_stage_follows_table_1(tmp_path: Path, one_thread) -> None:
+    """Two steps of train/configs/mini.yaml on random bases of the v2 classes: what trains is Table 1's."""
+    from mumu_core.bundle import load_bundle
+    from mumu_core.data.pipeline import bootstrap
+    from mumu_core.mini.world import bootstrap_config, bootstrap_source
+    from mumu_core.presets import MINI, build_vlm_folder
+    from train.config import load_config
+    from train.loop import run
+
+    base = T.build_t2i(0).save(tmp_path / "t2i")
+    vlm = build_vlm_folder(MINI, tmp_path / "vlm")
+    shards = tmp_path / "shards"
+    bootstrap(bootstrap_source("train", 40, images_per_part=40), shards, bootstrap_config(), progress=False)
+    cfg = load_config(
+        CONFIGS / "mini.yaml",
+        [
+            f"model.vlm={vlm}",
+            f"model.sdxl={base}",
+            f"data.shards={shards}/*.tar",
+            f"out_dir={tmp_path / 'run'}",
+            "optim.max_steps=2",
+            "optim.batch_size=4",
+            "optim.warmup_steps=0",
+            "checkpoint.every=2",
+            "logging.sample_every=0",
+            "logging.tensorboard=false",
+            "logging.progress=false",
+        ],
+    )
+    seen: dict[str, dict[str, bool]] = {}
+
+    def inspect(built) -> None:
+        seen["trainable"] = {n: p.requires_grad for n, p in built.model.named_parameters()}
+
+    run(cfg, inspect=inspect)
+    tr = seen["trainable"]
+    assert not any(v for n, v in tr.items() if n.startswith("encoder.vlm.vision_model."))
+    assert all(v for n, v in tr.items() if n.startswith("connector."))
+    vlm_train = [n for n, v in tr.items() if n.startswith("encoder.") and v]
+    unet_train = [n for n, v in tr.items() if n.startswith("unet.") and v]
+    assert vlm_train and all("lora_" in n for n in vlm_train)
+    assert any("modality_projection" in n for n in vlm_train), "the vision-to-LLM MLP gets a LoRA"
+    assert unet_train and all("lora_" in n for n in unet_train)
+    assert not any("perceiver" in n for n in tr), "the perceiver is removed after loading"
+    export = tmp_path / "run" / "export" / "step_00000002"
+    bundle = load_bundle(export / "mumu.safetensors")
+    assert bundle.meta.vlm_lora["rank"] == 8 and bundle.meta.unet_lora["rank"] == 8
+    assert bundle.vlm_lora_state and bundle.unet_lora_state

@@ -9,6 +9,10 @@ Memory: the VLM (7B for the real model) and the UNet never sit on the accelerato
 conditioner is moved to the device only to encode, then back to the CPU before the UNet moves in.
 Each prompt is encoded and sampled on its own unpadded context (padding would add zero keys to
 cross-attention), so a batch of prompts gives exactly the images of running them one by one.
+
+Cross-attention K/V cache (on by default, ``kv_cache=False`` turns it off): the UNet's ``attn2`` layers
+project a prompt's context to keys and values once and reuse them at every step and in both CFG branches
+(``mumu_core.kv_cache``); the cache is emptied after each prompt, which releases its memory.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from PIL import Image
 
 from .bundle import MumuBundle, apply_unet_lora, check_unet_compatible, load_bundle, load_conditioner
 from .conditioning import SDXLConditioning
+from .kv_cache import KVCache, install_kv_cache
 from .presets import Preset, get_preset
 from .prompt import InterleavedPrompt
 from .sdxl import SDXLComponents, load_sdxl
@@ -52,6 +57,7 @@ class MumuPipeline:
         preset: Preset,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        kv_cache: bool = True,
     ) -> None:
         from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
@@ -76,6 +82,8 @@ class MumuPipeline:
             force_zeros_for_empty_prompt=True,
             add_watermarker=False,
         )
+        self.kv_cache = KVCache(enabled=kv_cache)
+        install_kv_cache(components.unet, self.kv_cache)
 
     @classmethod
     def from_paths(
@@ -87,6 +95,7 @@ class MumuPipeline:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         lora_scale: float = 1.0,
+        kv_cache: bool = True,
     ) -> MumuPipeline:
         """Load everything from local paths. ``preset`` defaults to the one the bundle records."""
         from .bundle import BundleMismatchError
@@ -103,7 +112,7 @@ class MumuPipeline:
         check_unet_compatible(bundle, dict(components.unet.config))
         apply_unet_lora(components.unet, bundle, lora_scale)
         conditioner = load_conditioner(vlm, bundle, dtype=dtype, device="cpu")
-        return cls(conditioner, components, bundle, p, device=device, dtype=dtype)
+        return cls(conditioner, components, bundle, p, device=device, dtype=dtype, kv_cache=kv_cache)
 
     # -- steps -----------------------------------------------------------------------------------
     def settings(
@@ -149,6 +158,7 @@ class MumuPipeline:
             raise GenerationError("give at least one prompt")
         s = self.settings(steps, guidance, width, height, batch)
         conds = self.encode(prompts)
+        self.kv_cache.clear()  # nothing left from a call that raised
         self._to(self.pipe.unet, self.device)
         self._to(self.pipe.vae, self.device)
         self.pipe.set_progress_bar_config(disable=not progress)
@@ -173,6 +183,7 @@ class MumuPipeline:
                 generator=torch.Generator("cpu").manual_seed(seed + i),
                 output_type="pil",
             )
+            self.kv_cache.clear()  # this prompt's K/V are released before the next prompt samples
             images.extend(out.images)
         return images
 

@@ -143,3 +143,61 @@ class PickScorer:
             cos = (res.image_embeds.float() * res.text_embeds.float()).sum(-1)
             out.extend((scale * cos).cpu().tolist())
         return out
+
+
+def histogram_png(
+    scores: Sequence[float],
+    threshold: float | None,
+    path: str | Path,
+    title: str = "PickScore",
+    bins: int = 40,
+) -> Path:
+    """A bar chart of ``scores`` (kept bars blue, dropped grey) with the threshold as a red line.
+
+    Drawn with PIL (no plotting library needed); written atomically.
+    """
+    import io
+
+    import numpy as np
+    from PIL import ImageDraw
+
+    from .shards import write_bytes_atomic
+
+    w, h, left, bottom, top = 720, 360, 50, 40, 50
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    vals = np.asarray([s for s in scores if np.isfinite(s)], dtype=np.float64)
+    kept = int((vals >= threshold).sum()) if threshold is not None else len(vals)
+    frac = f"{kept}/{len(vals)} kept ({100.0 * kept / max(1, len(vals)):.1f} %)"
+    thr = f" at >= {threshold:g}" if threshold is not None else " (no threshold)"
+    d.text((left, 10), f"{title}: {frac}{thr}", fill="black")
+    if len(vals):
+        lo, hi = float(vals.min()), float(vals.max())
+        if threshold is not None:
+            lo, hi = min(lo, threshold), max(hi, threshold)
+        if hi - lo < 1e-6:
+            lo, hi = lo - 0.5, hi + 0.5
+        counts, edges = np.histogram(vals, bins=bins, range=(lo, hi))
+        plot_w, plot_h = w - 2 * left, h - top - bottom
+        bw = plot_w / bins
+
+        def x_of(v: float) -> float:
+            return left + (v - lo) / (hi - lo) * plot_w
+
+        for i, c in enumerate(counts):
+            if c == 0:
+                continue
+            y0 = h - bottom - c / counts.max() * plot_h
+            colour = "steelblue" if threshold is None or edges[i] >= threshold else "gray"
+            d.rectangle([left + i * bw + 1, y0, left + (i + 1) * bw - 1, h - bottom], fill=colour)
+        d.line([left, h - bottom, w - left, h - bottom], fill="black")
+        for v in np.linspace(lo, hi, 6):
+            d.text((x_of(v) - 12, h - bottom + 6), f"{v:.1f}", fill="black")
+        d.text((left - 40, top - 14), f"max {int(counts.max())}", fill="black")
+        if threshold is not None:
+            x = x_of(threshold)
+            d.line([x, top - 4, x, h - bottom], fill="red", width=2)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue())
+    return Path(path)

@@ -272,7 +272,7 @@ def is_finished(out_dir: str | Path, index: int, cfg: BootstrapConfig) -> bool:
     fp = json.loads(st.read_text("utf-8")).get("fingerprint")
     if fp != cfg.fingerprint():
         raise ValueError(
-            f"{st} was made with another bootstrap config (fingerprint {fp}, now {cfg.fingerprint()}); "
+            f"{st} was made with another config (fingerprint {fp}, now {cfg.fingerprint()}); "
             "use a new output folder, or delete the old shards to rebuild them"
         )
     return True
@@ -390,52 +390,10 @@ def _run_local(source, todo, out_dir, cfg, need_detector, progress, models) -> l
 
 
 def _run_ray(source, todo, out_dir, cfg, need_detector, progress, ray_address, num_workers) -> list[dict]:
-    import ray
-    from tqdm.auto import tqdm
+    from .ray_driver import run_parts_on_ray
 
-    started_here = False
-    if not ray.is_initialized():
-        if ray_address:
-            ray.init(address=ray_address)
-        else:
-            ray.init(num_cpus=max(1, num_workers or 1), include_dashboard=False, log_to_driver=False)
-        started_here = True
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # our bar shows images per second instead
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        if gpus:
-            workers, per_actor = (
-                (min(num_workers, gpus) if num_workers else gpus),
-                {"num_gpus": 1, "num_cpus": 1},
-            )
-        else:
-            workers, per_actor = max(1, num_workers or 1), {"num_cpus": 1}
-        ds = ray.data.from_items([{"part": i} for i in todo], override_num_blocks=max(1, len(todo)))
-        ds = ds.map_batches(
-            _RayPartWorker,
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            fn_constructor_kwargs={
-                "source": source,
-                "out_dir": str(out_dir),
-                "cfg": cfg.to_dict(),
-                "need_detector": need_detector,
-                "torch_threads": 1 if not gpus else 4,
-            },
-            **per_actor,
-        )
-        results = []
-        with tqdm(unit="img", desc=f"bootstrap (ray, {workers} worker(s))", disable=not progress) as bar:
-            for row in ds.iter_rows():
-                st = json.loads(row["stats"])
-                results.append(st)
-                bar.update(st.get("images_in", 0))
-                bar.set_postfix(parts=f"{len(results)}/{len(todo)}")
-        return results
-    finally:
-        if started_here:
-            ray.shutdown()
+    kwargs = {"source": source, "out_dir": str(out_dir), "cfg": cfg.to_dict(), "need_detector": need_detector}
+    return run_parts_on_ray(_RayPartWorker, kwargs, todo, "bootstrap", progress, ray_address, num_workers)
 
 
 def bootstrap(

@@ -24,6 +24,12 @@ from .connector import ConnectorConfig, MumuConnector
 from .presets import Preset, get_preset
 
 FORMAT_VERSION = 1
+# Written only by bundles trained with the perceiver resampler kept (Finding 1's ablation), so a reader
+# that predates the switch refuses them instead of removing the perceiver; ordinary bundles stay format 1.
+KEEP_PERCEIVER_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSION = 2
+# Metadata fields newer than format 1: absent from older files, read as their defaults.
+OPTIONAL_FIELDS = ("keep_perceiver",)
 # Attention projections of SDXL's transformer blocks (self- and cross-attention), as in diffusers'
 # SDXL LoRA training scripts.
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -60,14 +66,20 @@ class BundleMeta:
     negative_pooled: str
     prediction_type: str
     format_version: int = FORMAT_VERSION
+    # The VLM's perceiver resampler stays in place (each image = its n_latents tokens), see MumuEncoder.
+    keep_perceiver: bool = False
 
     def to_metadata(self) -> dict[str, str]:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in OPTIONAL_FIELDS and value == f.default:
+                continue  # a default-valued new field is left out: the file is exactly format 1
             if isinstance(value, ConnectorConfig):
                 value = asdict(value)
             out[f"mumu.{f.name}"] = json.dumps(value, sort_keys=True)
+        if self.keep_perceiver:
+            out["mumu.format_version"] = json.dumps(max(self.format_version, KEEP_PERCEIVER_FORMAT_VERSION))
         return out
 
     @classmethod
@@ -78,17 +90,28 @@ class BundleMeta:
                 f"checkpoint?). Expected {BUNDLE_HELP}."
             )
         try:
-            values = {f.name: json.loads(meta[f"mumu.{f.name}"]) for f in fields(cls)}
+            values = {
+                f.name: json.loads(meta[f"mumu.{f.name}"])
+                for f in fields(cls)
+                if f.name not in OPTIONAL_FIELDS or f"mumu.{f.name}" in meta
+            }
         except KeyError as e:
             raise BundleError(
                 f"{path} lacks the bundle metadata entry {e.args[0]!r}: the file is damaged"
             ) from e
         except json.JSONDecodeError as e:
             raise BundleError(f"{path} has unreadable bundle metadata ({e}): the file is damaged") from e
-        if not isinstance(values["format_version"], int) or values["format_version"] > FORMAT_VERSION:
+        if (
+            not isinstance(values["format_version"], int)
+            or values["format_version"] > READABLE_FORMAT_VERSION
+        ):
             raise BundleError(
                 f"{path} is bundle format {values['format_version']}, newer than this code reads "
-                f"({FORMAT_VERSION}): update ComfyUI-MUMU"
+                f"({READABLE_FORMAT_VERSION}): update ComfyUI-MUMU"
+            )
+        if not isinstance(values.get("keep_perceiver", False), bool):
+            raise BundleError(
+                f"{path} has an invalid mumu.keep_perceiver (not true/false): the file is damaged"
             )
         try:
             values["connector"] = ConnectorConfig(**values["connector"])
@@ -253,6 +276,7 @@ def make_bundle(
         hidden_state_layer=encoder.hidden_state_layer if encoder is not None else preset.hidden_state_layer,
         negative_pooled=preset.negative_pooled,
         prediction_type=preset.scheduler.get("prediction_type", "epsilon"),
+        keep_perceiver=bool(getattr(encoder, "keep_perceiver", False)),
     )
     for k, v in meta_overrides.items():
         if not hasattr(meta, k):
@@ -367,7 +391,10 @@ def load_conditioner(
 
     try:
         encoder = MumuEncoder.from_pretrained(
-            vlm_folder, dtype=dtype, hidden_state_layer=bundle.meta.hidden_state_layer
+            vlm_folder,
+            dtype=dtype,
+            hidden_state_layer=bundle.meta.hidden_state_layer,
+            keep_perceiver=bundle.meta.keep_perceiver,
         )
     except EncoderLoadError:
         raise
@@ -438,16 +465,33 @@ def export_kohya_unet_lora(bundle: MumuBundle, path: str | Path) -> Path:
     return _atomic_save(save_file, kohya_unet_lora(bundle), path, metadata)
 
 
+def current_umask() -> int:
+    """The process umask; read from /proc where possible (os.umask() to read it is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def apply_umask(path: str | Path, directory: bool = False) -> None:
+    """Give ``path`` the permissions a plain ``open()`` / ``mkdir`` would (0666 / 0777 minus the umask)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def _atomic_save(save_file, tensors: dict, path: Path, metadata: dict[str, str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    # mkstemp makes the file private (0600); a model file should get the usual umask permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        # After writing: safetensors (like mkstemp) leaves the file private (0600), and a model file
+        # must be readable by, e.g., a ComfyUI service running as another user, as the umask allows.
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -40,6 +40,9 @@ class ModelConfig:
     # bf16 halves host memory while loading (idefics2-8b + SDXL: ~38 -> ~19 GB per process) and the
     # frozen FSDP shards; trainable parameters (LoRAs, connector, full parts) are always fp32 masters.
     frozen_dtype: Literal["bf16", "fp32"] = "fp32"
+    # Keep the VLM's perceiver resampler (each image = its n_latents tokens) instead of removing it:
+    # Finding 1's ablation only; MUMU removes it. Recorded in the bundle (mumu.keep_perceiver).
+    keep_perceiver: bool = False
 
 
 @dataclass
@@ -113,6 +116,12 @@ class DataConfig:
     target_crop: Literal["random", "center"] = "random"
     resolution: int = 0  # target side; 0 = the preset's resolution
     prefetch: int = 4  # examples decoded ahead in a background thread
+    # Bad data (a corrupt image, a bad or missing json record, a truncated or garbage tar) is skipped,
+    # logged with its shard and key and counted; the run stops with an error once BOTH limits are
+    # exceeded over all processes: more than max_bad_samples bad items AND more than max_bad_fraction
+    # of the items read (0 and 0.0: stop at the first bad item).
+    max_bad_samples: int = 100
+    max_bad_fraction: float = 0.01
 
 
 @dataclass
@@ -182,6 +191,8 @@ class TrainConfig:
         ):
             if v < 1:
                 problems.append(f"{key}={v} must be >= 1")
+        if self.data.max_bad_samples < 0 or not 0.0 <= self.data.max_bad_fraction <= 1.0:
+            problems.append("data.max_bad_samples must be >= 0 and data.max_bad_fraction in [0, 1]")
         if self.data.max_crops < 1 or self.data.max_crops > self.data.max_images:
             problems.append("data.max_crops must be between 1 and data.max_images")
         if problems:
@@ -202,17 +213,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist (see train/configs/ for examples)")
-        text = path.read_text()
+        try:
+            text = path.read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} cannot be read ({e})") from None
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(
+                    f"config file {path} is not valid YAML: {' '.join(str(e).split())}"
+                ) from None
         elif path.suffix == ".toml":
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib  # type: ignore[no-redef]
-            data = tomllib.loads(text)
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
         else:
             raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
         if not isinstance(data, dict):

@@ -37,7 +37,7 @@ import json
 import queue
 import random
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -137,6 +137,7 @@ class Example:
     target: torch.Tensor  # (3, R, R) in [-1, 1]
     time_ids: tuple[int, int, int, int, int, int]  # orig h, w, crop top, left, target h, w
     position: tuple[int, int] = (0, 0)  # (epoch, samples of this rank's stream read so far)
+    counts: tuple[int, int] = (0, 0)  # this rank's DataCounts (read, bad) when it was produced
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -307,28 +308,93 @@ def expand_shards(patterns: Sequence[str]) -> list[str]:
 
 
 def iter_raw(urls: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """Raw webdataset samples (bytes per member) from ``urls`` in order."""
+    """Raw webdataset samples (bytes per member) from ``urls`` in order; a broken shard raises."""
     import webdataset as wds
 
     yield from wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.tarfile_to_samples())
+
+
+@dataclass(frozen=True)
+class BadItem:
+    """A shard or sample the stream skipped: where, and why."""
+
+    shard: str
+    key: str | None  # None: the shard itself is unreadable (garbage, truncated, missing)
+    reason: str
+
+    def describe(self) -> str:
+        where = f"sample {self.key} of {self.shard}" if self.key else f"shard {self.shard}"
+        return f"skipped {where}: {self.reason}"
+
+
+def iter_shard_events(url: str) -> Iterator[dict[str, Any] | BadItem]:
+    """The raw samples of one shard, and a :class:`BadItem` where the shard breaks.
+
+    A truncated tar gives its samples up to the break, then one BadItem; a file that is no tar at all
+    gives just the BadItem. The order only depends on the file's bytes, so a resume that skips a
+    number of these events lands exactly where the run was.
+    """
+    import webdataset as wds
+
+    errors: list[BaseException] = []
+
+    def keep_going(exn: BaseException) -> bool:
+        errors.append(exn)
+        return True
+
+    def flush() -> Iterator[BadItem]:
+        while errors:
+            e = errors.pop(0)
+            msg = str(e.args[0]) if e.args else type(e).__name__
+            yield BadItem(url, None, f"unreadable tar ({type(e).__name__}: {msg.split(' @ ')[0]})")
+
+    pipe = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=keep_going))
+    for raw in pipe:
+        yield from flush()
+        yield raw
+    yield from flush()
 
 
 def decode_sample(raw: dict[str, Any]) -> Sample:
     key = raw.get("__key__", "?")
     if "json" not in raw:
         raise DataError(f"sample {key} in {raw.get('__url__')} has no json record member")
-    record = json.loads(raw["json"])
+    try:
+        record = json.loads(raw["json"])
+    except ValueError as e:  # also UnicodeDecodeError
+        raise DataError(f"sample {key}: its json record is not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"sample {key}: its json record is a {type(record).__name__}, not an object")
     img_key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in raw), None)
     if img_key is None:
         raise DataError(f"sample {key} in {raw.get('__url__')} has no image member (jpg)")
 
-    def load(b: bytes) -> Image.Image:
-        with Image.open(io.BytesIO(b)) as im:
-            im.load()
-            return im.copy()
+    def load(name: str, b: bytes) -> Image.Image:
+        try:
+            with Image.open(io.BytesIO(b)) as im:
+                im.load()
+                return im.copy()
+        except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+            raise DataError(f"sample {key}: member {name} is not a decodable image ({e})") from None
 
-    members = {k: load(v) for k, v in raw.items() if k.endswith((".png", ".jpg", ".jpeg", ".webp"))}
-    return Sample(record.get("key", key), record, load(raw[img_key]), members)
+    members = {k: load(k, v) for k, v in raw.items() if k.endswith((".png", ".jpg", ".jpeg", ".webp"))}
+    return Sample(record.get("key", key), record, load(img_key, raw[img_key]), members)
+
+
+@dataclass
+class DataCounts:
+    """Cumulative counts of one rank's stream: events read (samples and broken shards) and bad ones."""
+
+    read: int = 0
+    bad: int = 0
+
+    def as_list(self) -> list[int]:
+        return [self.read, self.bad]
+
+
+def too_much_bad_data(read: int, bad: int, max_bad_samples: int, max_bad_fraction: float) -> bool:
+    """The limit of ``data.max_bad_samples`` / ``data.max_bad_fraction``: both must be exceeded."""
+    return bad > max_bad_samples and bad > max_bad_fraction * max(read, 1)
 
 
 class ShardStream:
@@ -336,8 +402,12 @@ class ShardStream:
 
     Each epoch the shard list is permuted with (seed, epoch). With at least as many shards as ranks,
     rank r reads every world-th shard; with fewer, every rank reads all shards and keeps every
-    world-th sample. ``position`` = (epoch, raw samples read in that epoch) of the last example handed
-    out, which is all a resume needs: the stream skips that many raw samples without decoding them.
+    world-th sample. ``position`` = (epoch, raw events read in that epoch) of the last example handed
+    out, which is all a resume needs: the stream skips that many raw events without decoding them.
+    An event is a raw sample or the break of a broken shard; a sample that cannot be decoded or
+    turned into an example (corrupt image, bad or missing json) and a broken shard are skipped,
+    reported to ``on_bad`` and counted in ``counts`` (restored on resume), never raised: the trainer
+    decides with ``too_much_bad_data`` when to stop.
     """
 
     def __init__(
@@ -348,12 +418,16 @@ class ShardStream:
         rank: int = 0,
         world: int = 1,
         position: tuple[int, int] = (0, 0),
+        counts: DataCounts | None = None,
+        on_bad: Callable[[BadItem], None] | None = None,
     ) -> None:
         if not urls:
             raise DataError("no shards to read")
         self.urls, self.rules, self.seed = list(urls), rules, seed
         self.rank, self.world = rank, world
         self.start = tuple(position)
+        self.counts = counts if counts is not None else DataCounts()
+        self.on_bad = on_bad
 
     def epoch_urls(self, epoch: int) -> tuple[list[str], bool]:
         order = list(self.urls)
@@ -362,30 +436,48 @@ class ShardStream:
             return order[self.rank :: self.world], False
         return order, True
 
+    def _bad(self, item: BadItem) -> None:
+        self.counts.bad += 1
+        if self.on_bad is not None:
+            self.on_bad(item)
+
     def __iter__(self) -> Iterator[Example]:
         epoch, skip = self.start
         while True:
             urls, by_sample = self.epoch_urls(epoch)
             produced = 0
             n = 0
-            for j, raw in enumerate(iter_raw(urls)):
-                if by_sample and j % self.world != self.rank:
-                    continue
-                n += 1
-                if n <= skip:
-                    continue
-                sample = decode_sample(raw)
-                ex = make_example(sample, self.rules, sample_rng(self.seed, epoch, sample.key))
-                if ex is None:
-                    continue
-                produced += 1
-                ex.position = (epoch, n)
-                yield ex
+            j = -1
+            for url in urls:
+                for event in iter_shard_events(url):
+                    j += 1
+                    if by_sample and j % self.world != self.rank:
+                        continue
+                    n += 1
+                    if n <= skip:
+                        continue
+                    self.counts.read += 1
+                    if isinstance(event, BadItem):
+                        self._bad(event)
+                        continue
+                    try:
+                        sample = decode_sample(event)
+                        ex = make_example(sample, self.rules, sample_rng(self.seed, epoch, sample.key))
+                    except Exception as e:  # one bad record must not end a long run
+                        self._bad(BadItem(url, str(event.get("__key__", "?")), f"{type(e).__name__}: {e}"))
+                        continue
+                    if ex is None:
+                        continue
+                    produced += 1
+                    ex.position = (epoch, n)
+                    ex.counts = tuple(self.counts.as_list())
+                    yield ex
             if produced == 0 and skip == 0:
                 raise DataError(
                     f"rank {self.rank} read a whole epoch of {urls} without one usable sample "
                     f"(stage {self.rules.stage} needs kept objects with crops"
-                    f"{', including a person' if self.rules.stage == 2 else ''})"
+                    f"{', including a person' if self.rules.stage == 2 else ''}); "
+                    f"{self.counts.bad} of {self.counts.read} items were bad (see the 'skipped' lines)"
                 )
             epoch, skip = epoch + 1, 0
 
@@ -441,6 +533,7 @@ class Batch:
     targets: torch.Tensor  # (B, 3, R, R) in [-1, 1]
     time_ids: torch.Tensor  # (B, 6)
     position: tuple[int, int]
+    counts: tuple[int, int] = (0, 0)  # DataCounts (read, bad) after the last example
 
 
 def batches(examples: Iterator[Example], batch_size: int) -> Iterator[Batch]:
@@ -457,4 +550,5 @@ def batches(examples: Iterator[Example], batch_size: int) -> Iterator[Batch]:
             torch.stack([e.target for e in items]),
             torch.tensor([e.time_ids for e in items], dtype=torch.float32),
             items[-1].position,
+            items[-1].counts,
         )

@@ -94,6 +94,7 @@ def export(
             tokens_per_image=tokens_per_image,
             prediction_type=prediction_type,
             hidden_state_layer=model.encoder.hidden_state_layer,
+            keep_perceiver=model.encoder.keep_perceiver,
         )
         for part, module, prefix in (
             ("vlm", model.encoder.vlm, "encoder.vlm."),
@@ -121,12 +122,23 @@ def export(
             write_vlm_folder(Path(cfg.model.vlm), _strip(state, "encoder.vlm."), tmp / "vlm")
         if full_unet:
             write_sdxl_folder(built, _strip(state, "unet."), tmp / "sdxl")
+        _apply_umask_tree(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         dist.barrier()
     return out
+
+
+def _apply_umask_tree(root: Path) -> None:
+    """mkdtemp and safetensors create private files (0700 / 0600); exports get the umask's modes, so a
+    ComfyUI service running as another user can read them."""
+    from mumu_core.bundle import apply_umask
+
+    apply_umask(root, directory=True)
+    for p in root.rglob("*"):
+        apply_umask(p, directory=p.is_dir())
 
 
 def write_vlm_folder(base: Path, trained: dict[str, torch.Tensor], dest: Path) -> None:
@@ -185,7 +197,7 @@ def export_checkpoint(run_dir: Path, step: int | None = None, dest: Path | None 
     """
     from mumu_core.presets import get_preset
 
-    from .checkpoint import latest_checkpoint, load_checkpoint, step_dir
+    from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_trainer, step_dir
     from .config import TrainConfig, from_dict
     from .data import Rules
     from .loop import distributed
@@ -198,8 +210,13 @@ def export_checkpoint(run_dir: Path, step: int | None = None, dest: Path | None 
             f"no complete checkpoint {'step ' + str(step) if step is not None else ''} in {root}: "
             "give the out_dir of a training run (it holds checkpoints/step_N/)"
         )
-    trainer = json.loads((path / "trainer.json").read_text())
-    cfg = from_dict(TrainConfig, trainer["config"], "")
+    trainer = read_trainer(path)  # refuses formats that would need pickle, before anything loads
+    try:
+        cfg = from_dict(TrainConfig, trainer["config"], "")
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}/trainer.json holds no usable config ({e})") from None
+    dest = Path(dest) if dest is not None else Path(run_dir) / "export" / path.name
+    check_export_dest(dest, Path(run_dir))
     preset = get_preset(cfg.model.preset)
     rules = Rules.from_config(cfg.data, preset.tokens_per_image, preset.resolution)
     with distributed() as (device, rank, world):
@@ -208,6 +225,28 @@ def export_checkpoint(run_dir: Path, step: int | None = None, dest: Path | None 
         optimizer = torch.optim.AdamW(param_groups(built.model, cfg))
         ema = {n: p.detach().clone() for n, p in trainable_named(built.model)} if cfg.diffusion.ema else {}
         load_checkpoint(path, built.model, optimizer, ema, weights_only=True)
-        dest = Path(dest) if dest is not None else Path(run_dir) / "export" / path.name
         export(built, dest, ema, cfg, rules.tokens, trainer["prediction_type"])
     return dest
+
+
+def check_export_dest(dest: Path, run_dir: Path) -> None:
+    """An export replaces ``dest`` as a whole, so it must be new, empty or an earlier export, and
+    never the run folder, its checkpoints, or a folder above them."""
+    from .checkpoint import CheckpointError
+    from .loop import check_writable_dir
+
+    d, run = dest.resolve(), run_dir.resolve()
+    protected = (run, run / "checkpoints")
+    if any(d == p or d in p.parents for p in protected) or (run / "checkpoints") in d.parents:
+        raise CheckpointError(
+            f"--dest {dest} would replace the run folder {run_dir} or its checkpoints: give a new folder"
+        )
+    if dest.exists():
+        if not dest.is_dir():
+            raise CheckpointError(f"--dest {dest} is a file: give a folder")
+        if any(dest.iterdir()) and not (dest / "mumu.safetensors").is_file():
+            raise CheckpointError(
+                f"--dest {dest} exists and is not an earlier export (no mumu.safetensors); an export "
+                "replaces its destination as a whole: give a new or empty folder"
+            )
+    check_writable_dir(dest.parent, "--dest's parent")

@@ -9,6 +9,8 @@ import os
 import resource
 import signal
 import socket
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from itertools import islice
@@ -22,15 +24,112 @@ import torch.nn.functional as F
 from mumu_core.conditioning import SDXLConditioning
 from mumu_core.presets import get_preset
 
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    check_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import TrainConfig
-from .data import Batch, Prefetcher, Rules, ShardStream, batches, expand_shards
+from .data import (
+    BadItem,
+    Batch,
+    DataCounts,
+    DataError,
+    Prefetcher,
+    Rules,
+    ShardStream,
+    batches,
+    expand_shards,
+    too_much_bad_data,
+)
 from .export import export
 from .model import Built, build_model, param_groups, shard_model, trainable_named
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss or the gradient norm was NaN/inf; the run stopped without updating or saving."""
+
+
+class TrainInputError(ValueError):
+    """An input or output of the run is unusable (found before the models load); says what to fix."""
+
+
+class TooMuchBadData(DataError):
+    """More bad samples / shards than ``data.max_bad_samples`` and ``data.max_bad_fraction`` allow."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks before the expensive work
+
+
+def check_inputs(cfg: TrainConfig) -> list[str]:
+    """Shard list, model folders, init bundle and out_dir, checked in seconds (no model loads).
+
+    Returns the shard urls; raises the core's own errors (EncoderLoadError, SDXLLoadError,
+    BundleError), DataError or TrainInputError, each a one-line message naming the path.
+    """
+    from mumu_core.encoder import check_vlm_folder
+    from mumu_core.sdxl import SDXLLoadError
+
+    urls = expand_shards(cfg.data.shards)
+    for u in urls:
+        if "://" in u or u.startswith("pipe:"):
+            continue
+        p = Path(u)
+        if p.is_dir():
+            raise DataError(
+                f"data.shards entry {u} is a folder: list the .tar files in it, e.g. data.shards={u}/*.tar"
+            )
+        if not os.access(p, os.R_OK):
+            raise DataError(f"shard {u} is not readable (permissions): fix its permissions or drop it")
+    check_vlm_folder(cfg.model.vlm)
+    if not Path(cfg.model.sdxl).exists():
+        raise SDXLLoadError(
+            f"model.sdxl {cfg.model.sdxl} does not exist: give the SDXL single .safetensors file or a "
+            "diffusers folder (unet/ vae/ scheduler/)"
+        )
+    if cfg.model.init_bundle:
+        check_bundle_header(Path(cfg.model.init_bundle))
+    check_writable_dir(Path(cfg.out_dir), "out_dir")
+    return urls
+
+
+def check_bundle_header(path: Path) -> None:
+    """The bundle exists and its metadata is a MUMU bundle's (tensors are read later, once)."""
+    from safetensors import SafetensorError, safe_open
+
+    from mumu_core.bundle import BUNDLE_HELP, BundleError, BundleMeta
+
+    if not path.is_file():
+        raise BundleError(f"model.init_bundle {path} does not exist. Put {BUNDLE_HELP} there.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            BundleMeta.from_metadata(f.metadata() or {}, path)
+    except (SafetensorError, OSError) as e:
+        raise BundleError(f"model.init_bundle {path} cannot be read as safetensors ({e})") from e
+
+
+def check_writable_dir(folder: Path, what: str) -> None:
+    """Create ``folder`` if needed and prove a file can be written there (each process for itself)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise TrainInputError(
+            f"{what} {folder} is not a writable folder ({e.strerror or e}): choose another {what} "
+            "or fix its permissions"
+        ) from None
+
+
+def agree(ok: bool, device: torch.device) -> bool:
+    """True when every process passed its checks (a collective: every process calls it)."""
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    dist.all_reduce(flag)
+    return flag.item() == 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,17 +377,31 @@ def _run(
     preset = get_preset(cfg.model.preset)
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
-    rules = Rules.from_config(cfg.data, preset.tokens_per_image, preset.resolution)
-    if world > 1 and len(set(rules.tokens_choices)) > 1:
-        # Images of different sides take different vision-tower calls, which FSDP's per-block
-        # collectives would have to match across processes.
-        raise ValueError("data.tokens_choices with more than one value needs a single process")
     prediction_type = (
         preset.scheduler.get("prediction_type", "epsilon")
         if cfg.diffusion.prediction_type == "preset"
         else cfg.diffusion.prediction_type
     )
-    urls = expand_shards(cfg.data.shards)
+    # Every process checks the inputs, outputs and the checkpoint to resume before any model loads;
+    # all fail together (each with the message), so none is left waiting in a collective.
+    failure: BaseException | None = None
+    latest = None
+    try:
+        rules = Rules.from_config(cfg.data, preset.tokens_per_image, preset.resolution)
+        if world > 1 and len(set(rules.tokens_choices)) > 1:
+            # Images of different sides take different vision-tower calls, which FSDP's per-block
+            # collectives would have to match across processes.
+            raise TrainInputError("data.tokens_choices with more than one value needs a single process")
+        urls = check_inputs(cfg)
+        latest = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+        if latest is not None:
+            check_resumable(latest, cfg.to_dict(), world)
+    except Exception as e:
+        failure = e
+    if not agree(failure is None, device):
+        if failure is not None:
+            raise failure
+        raise TrainInputError("another process found a problem before training started: see its error line")
 
     built = build_model(cfg, preset, device, log)
     if prediction_type != built.scheduler.config.prediction_type:
@@ -313,19 +426,29 @@ def _run(
     gen = torch.Generator().manual_seed(cfg.optim.seed * 1_000_003 + rank)
 
     step, position = 0, (0, 0)
-    latest = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+    counts = DataCounts()
     if latest is not None:
         trainer, rank_state = load_checkpoint(latest, model, optimizer, ema)
         step = trainer["step"]
         position = tuple(rank_state["data_position"])
+        counts = DataCounts(*rank_state.get("data_counts", (0, 0)))
         set_rng_state(rank_state["rng"], gen)
+        # The optimizer state holds moments only; every group keeps the lr the config gives it
+        # (param_groups), and the schedule below is a function of the step and this config.
         log(f"resumed from {latest} at step {step}")
     if step >= cfg.optim.max_steps:
         log(f"already at step {step} >= optim.max_steps={cfg.optim.max_steps}: nothing to do")
         return {"step": step, "stopped": "done"}
 
+    def report_bad(item: BadItem) -> None:
+        # Every process reports what it skipped itself (its shards are not the others').
+        print(f"warning: rank {rank}: {item.describe()}", file=sys.stderr, flush=True)
+
     stream = Prefetcher(
-        iter(ShardStream(urls, rules, cfg.optim.seed, rank, world, position)), cfg.data.prefetch
+        iter(
+            ShardStream(urls, rules, cfg.optim.seed, rank, world, position, counts=counts, on_bad=report_bad)
+        ),
+        cfg.data.prefetch,
     )
     batch_iter = batches(stream, cfg.optim.batch_size)
     fixed = []
@@ -347,6 +470,7 @@ def _run(
             writer = SummaryWriter(str(out / "tb"))
     losses_file = out / "losses.jsonl"
     last_position = position
+    last_counts = tuple(counts.as_list())
     last_saved = step if latest is not None else None
     stopped = "done"
 
@@ -359,7 +483,11 @@ def _run(
             "prediction_type": prediction_type,
             "config": cfg.to_dict(),
         }
-        rank_state = {"data_position": list(last_position), "rng": rng_state(gen)}
+        rank_state = {
+            "data_position": list(last_position),
+            "data_counts": list(last_counts),
+            "rng": rng_state(gen),
+        }
         path = save_checkpoint(
             ckpt_root, step, model, optimizer, ema, trainer_state, rank_state, cfg.checkpoint.keep
         )
@@ -403,16 +531,31 @@ def _run(
                     (loss / accum).backward()
                     loss_sum += loss.detach().double().cpu()
                     last_position = batch.position
+                    last_counts = batch.counts
                 max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
                 if hasattr(grad_norm, "full_tensor"):
                     grad_norm = grad_norm.full_tensor()
                 # On the run's device: NCCL reduces CUDA tensors only.
                 stats = torch.tensor(
-                    [loss_sum.item() / accum, float(stop.requested)], dtype=torch.float64, device=device
+                    [loss_sum.item() / accum, float(stop.requested), *last_counts],
+                    dtype=torch.float64,
+                    device=device,
                 )
                 dist.all_reduce(stats)
                 mean_loss = stats[0].item() / world
+                data_read, data_bad = int(stats[2].item()), int(stats[3].item())
+                # Every process sees the same sums, so all stop together, before the update.
+                if too_much_bad_data(
+                    data_read, data_bad, cfg.data.max_bad_samples, cfg.data.max_bad_fraction
+                ):
+                    raise TooMuchBadData(
+                        f"step {step + 1}: {data_bad} of {data_read} samples/shards read were bad, above "
+                        f"data.max_bad_samples={cfg.data.max_bad_samples} and data.max_bad_fraction="
+                        f"{cfg.data.max_bad_fraction}; the 'skipped' lines above name each shard and key. "
+                        "Fix or remove those shards (or raise the limits) and run again: it resumes from the "
+                        "last checkpoint"
+                    )
                 check_finite(mean_loss, float(grad_norm), step)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -433,6 +576,9 @@ def _run(
                             "loss": mean_loss,
                             "grad_norm": float(grad_norm),
                             "step_time_s": dt,
+                            "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+                            "data_read": data_read,
+                            "data_bad": data_bad,
                         }
                         f.write(json.dumps(row) + "\n")
                     if writer is not None and (step % cfg.logging.every == 0 or step == 1):
@@ -441,6 +587,8 @@ def _run(
                         writer.add_scalar("samples_per_s", samples_s, step)
                         writer.add_scalar("step_time_s", dt, step)
                         writer.add_scalar("memory_gib", memory_gib(device), step)
+                        writer.add_scalar("data/bad_items", data_bad, step)
+                        writer.add_scalar("data/bad_fraction", data_bad / max(1, data_read), step)
                         for g in optimizer.param_groups:
                             writer.add_scalar(f"lr/{g['name']}", g["lr"], step)
                 if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:

@@ -7,6 +7,16 @@ workflow cannot silently drop a reference.
 Image preparation follows the paper: RGB, padded to a square with black, resized so that the number
 of ViT patches (the number of tokens, since the perceiver resampler is removed) is ``tokens``:
 side = patch_size * sqrt(tokens), e.g. 324 tokens -> 252 px and 1296 tokens -> 504 px at patch 14.
+An image larger than the side is resized first and padded after, so a panorama never allocates a
+square of its longest side; a smaller one is padded, then upsampled.
+
+Colour (``to_rgb_on_black``, docs/ERRORS.md "Images"): every PIL mode becomes RGB with its full range:
+16-bit grey (``I;16*``) and ``I`` (read as 16-bit data, 0-65535) are scaled to 8 bits, not clipped;
+``F`` (float) is read as 0-1 when all its values lie in [0, 1], else as 0-255 (NaN -> 0); ``1``, ``L``,
+``P``, ``CMYK`` (through its ICC profile when it has one), ``YCbCr``, ``LAB``, ``HSV`` convert as PIL
+defines; transparency (``RGBA``, ``LA``, ``PA``, ``P`` with transparency, premultiplied ``RGBa``/``La``)
+is composited onto black. ``load_image`` also applies the EXIF orientation and takes the first frame of
+an animation. Limits: at most ``MAX_INPUT_PIXELS`` (64 Mpx) per image, checked before decoding.
 """
 
 from __future__ import annotations
@@ -17,7 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 DEFAULT_TOKENS_PER_IMAGE = 324
 DEFAULT_PATCH_SIZE = 14
@@ -193,14 +204,39 @@ def side_for_tokens(tokens: int, patch_size: int = DEFAULT_PATCH_SIZE) -> int:
     return math.isqrt(tokens) * patch_size
 
 
+def _grey_to_rgb(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+
+
 def to_rgb_on_black(image: Image.Image) -> Image.Image:
-    """RGB with any transparency composited onto black (transparent = background = black)."""
-    if image.mode == "RGB":
+    """RGB of any PIL mode at its full range, transparency composited onto black (module docstring)."""
+    mode = image.mode
+    if mode == "RGB":
         return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if mode.startswith("I;16") or mode == "I":
+        # PIL's own convert clips these at 255 (a 16-bit photo turns white); scale 0-65535 to 0-255.
+        return _grey_to_rgb(np.asarray(image, dtype=np.float64) / 257.0)
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        unit = values.size and values.min() >= 0.0 and values.max() <= 1.0
+        return _grey_to_rgb(values * 255.0 if unit else values)
+    if mode in ("RGBa", "La"):  # premultiplied: over black, the colour channels are the result
+        bands = image.split()
+        return Image.merge("RGB", bands[:3]) if mode == "RGBa" else bands[0].convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(black, rgba).convert("RGB")
+    if mode == "CMYK" and image.info.get("icc_profile"):
+        import io
+
+        from PIL import ImageCms
+
+        try:
+            src = ImageCms.ImageCmsProfile(io.BytesIO(image.info["icc_profile"]))
+            return ImageCms.profileToProfile(image, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # a broken embedded profile: PIL's plain conversion below, as without one
     return image.convert("RGB")
 
 
@@ -220,6 +256,14 @@ def prepare_image(
         rgb = Image.composite(rgb, Image.new("RGB", rgb.size), mask.convert("L"))
     w, h = rgb.size
     square = max(w, h)
+    if square > side:
+        # Downscale first, pad after: never a square canvas of the longest side (a 20000 x 2000
+        # panorama would need 1.2 GB as a square).
+        nw, nh = max(1, round(w * side / square)), max(1, round(h * side / square))
+        small = rgb.resize((nw, nh), Image.Resampling.BICUBIC)
+        canvas = Image.new("RGB", (side, side))
+        canvas.paste(small, ((side - nw) // 2, (side - nh) // 2))
+        return canvas
     canvas = Image.new("RGB", (square, square))
     canvas.paste(rgb, ((square - w) // 2, (square - h) // 2))
     if square == side:
@@ -234,8 +278,20 @@ def load_image(path: str | Path) -> Image.Image:
         raise PromptError(f"reference image {path} does not exist: check the path")
     try:
         with Image.open(path) as im:
+            w, h = im.size  # from the header: a huge image is refused before it is decoded
+            if w * h > MAX_INPUT_PIXELS:
+                raise PromptError(
+                    f"reference image {path} is {w}x{h} ({w * h / 1e6:.0f} Mpx), above the "
+                    f"{MAX_INPUT_PIXELS / 1e6:.0f} Mpx limit: downscale it first"
+                )
             im.load()
-            return im.copy()
+            return ImageOps.exif_transpose(im)  # a copy, upright as the camera meant it
+    except PromptError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise PromptError(
+            f"reference image {path} is too large to decode safely ({e}): downscale it first"
+        ) from e
     except Exception as e:  # PIL raises several types for corrupt files
         raise PromptError(f"reference image {path} cannot be read ({e}): is it a valid PNG/JPEG/WebP?") from e
 

@@ -7,8 +7,17 @@ module is replaced by :class:`PerceiverRemoved` right after loading, and the enc
 stages itself (vision tower -> modality projection -> language model over the interleaved sequence),
 which also lets images of different sizes sit in one prompt without padding the vision batch.
 
+``keep_perceiver=True`` (Finding 1's ablation, "perceiver removed beats perceiver kept") leaves the
+resampler in place: each image then becomes the perceiver's ``n_latents`` tokens, whatever its token
+budget (the budget still sets the side the image is resized to); everything else is identical.
+
 Pixels are prepared in our own code (``prompt.prepare_image`` + the folder's mean/std), never by
 transformers' image processors, whose PIL and torchvision variants differ.
+
+Text typed by the user never becomes a control token: a prompt whose text contains one of the
+tokenizer's special or added tokens (``<image>``, ``<fake_token_around_image>``,
+``<end_of_utterance>``, ``<s>``, ...) is refused with a ``PromptError`` naming it (escaping would
+silently change what the user wrote; images go in through placeholders only).
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import torch
 from torch import nn
 
 from .presets import FAKE_IMAGE_TOKEN, IMAGE_TOKEN
-from .prompt import ImageRef, InterleavedPrompt, prepare_image
+from .prompt import ImageRef, InterleavedPrompt, PromptError, prepare_image
 
 # Linear layers that receive the VLM LoRA: Mistral's attention and MLP projections and the
 # vision-to-LLM MLP. The vision tower is never a target (the paper keeps the ViT frozen).
@@ -34,10 +43,26 @@ VLM_LORA_TARGETS = (
 )
 
 VLM_FOLDER_HELP = (
-    "a Hugging Face Idefics2 folder: config.json, model*.safetensors (+ index), tokenizer.json / "
-    "tokenizer.model with tokenizer_config.json, and preprocessor_config.json "
-    "(e.g. the files of HuggingFaceM4/idefics2-8b)"
+    "a Hugging Face Idefics2 folder: config.json, model*.safetensors (+ index), tokenizer.json with "
+    "tokenizer_config.json, and preprocessor_config.json (e.g. the files of HuggingFaceM4/idefics2-8b)"
 )
+# Idefics2's control tokens (the tokenizer's own special / added tokens are checked too once loaded):
+# typed in a prompt they would act as image markers or end the utterance.
+CONTROL_TOKENS = (IMAGE_TOKEN, FAKE_IMAGE_TOKEN, "<end_of_utterance>", "<s>", "</s>", "<unk>")
+
+
+def check_prompt_text(prompt: InterleavedPrompt, tokens: Sequence[str] = CONTROL_TOKENS) -> None:
+    """Refuse text segments that contain a control token (they must not become control tokens)."""
+    for seg in prompt.segments:
+        if not isinstance(seg, str):
+            continue
+        found = sorted({t for t in tokens if t and t in seg})
+        if found:
+            raise PromptError(
+                f"the prompt text contains {', '.join(repr(t) for t in found)}, a control token of the "
+                "VLM's tokenizer; remove or reword it (reference images go in through <image> / <imageN> "
+                "placeholders only)"
+            )
 
 
 class PerceiverRemoved(nn.Module):
@@ -62,11 +87,19 @@ def check_vlm_folder(folder: str | Path) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise EncoderLoadError(f"VLM folder {folder} does not exist. Put {VLM_FOLDER_HELP} there.")
-    missing = [f for f in ("config.json", "preprocessor_config.json") if not (folder / f).is_file()]
+    # Every tokenizer file is required: without tokenizer_config.json (or tokenizer.json, with a
+    # tokenizer.model beside it) transformers silently builds a tokenizer with other special tokens.
+    required = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json")
+    missing = [f for f in required if not (folder / f).is_file()]
     if not any(folder.glob("*.safetensors")):
         missing.append("model*.safetensors")
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        missing.append("tokenizer.json or tokenizer.model")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise EncoderLoadError(f"VLM folder {folder}: {index.name} is not a valid index ({e})") from None
+        missing += [f for f in shards if not (folder / f).is_file()]
     if missing:
         raise EncoderLoadError(
             f"VLM folder {folder} lacks {', '.join(missing)}. It must hold {VLM_FOLDER_HELP}."
@@ -82,9 +115,18 @@ class MumuEncoder(nn.Module):
         image_mean: Sequence[float],
         image_std: Sequence[float],
         hidden_state_layer: int = -1,
+        keep_perceiver: bool = False,
     ) -> None:
         super().__init__()
-        remove_perceiver(vlm)
+        if keep_perceiver:
+            if isinstance(vlm.connector.perceiver_resampler, PerceiverRemoved):
+                raise EncoderLoadError(
+                    "keep_perceiver=True but this VLM's perceiver resampler was already removed: "
+                    "load the VLM folder again with keep_perceiver=True"
+                )
+        else:
+            remove_perceiver(vlm)
+        self.keep_perceiver = keep_perceiver
         self.vlm = vlm
         self.tokenizer = tokenizer
         self.hidden_state_layer = hidden_state_layer
@@ -92,6 +134,15 @@ class MumuEncoder(nn.Module):
         self.register_buffer("image_std", torch.tensor(image_std).view(3, 1, 1), persistent=False)
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.fake_token_id = tokenizer.convert_tokens_to_ids(FAKE_IMAGE_TOKEN)
+        for tok, tid in ((IMAGE_TOKEN, self.image_token_id), (FAKE_IMAGE_TOKEN, self.fake_token_id)):
+            if tid is None or tid == tokenizer.unk_token_id:
+                raise EncoderLoadError(
+                    f"the tokenizer has no {tok} token: it is not Idefics2's tokenizer (check the folder's "
+                    "tokenizer.json and tokenizer_config.json)"
+                )
+        specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+        specials |= set(tokenizer.get_added_vocab()) if hasattr(tokenizer, "get_added_vocab") else set()
+        self.control_tokens = tuple(sorted(specials | set(CONTROL_TOKENS)))
         if self.image_token_id != vlm.config.image_token_id:
             raise EncoderLoadError(
                 f"the tokenizer's {IMAGE_TOKEN} id ({self.image_token_id}) differs from the model config's "
@@ -105,7 +156,9 @@ class MumuEncoder(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         hidden_state_layer: int = -1,
+        keep_perceiver: bool = False,
     ) -> MumuEncoder:
+        """Load a local Idefics2 folder. The perceiver resampler is removed (MUMU) unless ``keep_perceiver``."""
         from transformers import AutoTokenizer, Idefics2ForConditionalGeneration
 
         folder = check_vlm_folder(folder)
@@ -120,6 +173,7 @@ class MumuEncoder(nn.Module):
             pre.get("image_mean", [0.5] * 3),
             pre.get("image_std", [0.5] * 3),
             hidden_state_layer,
+            keep_perceiver,
         )
         return enc.to(device).eval()
 
@@ -140,6 +194,15 @@ class MumuEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.vlm.get_input_embeddings().weight.dtype
 
+    @property
+    def n_latents(self) -> int:
+        """Tokens per image with the perceiver kept (its number of latents)."""
+        return int(self.vlm.config.perceiver_config.resampler_n_latents)
+
+    def image_seq_len(self, ref: ImageRef) -> int:
+        """How many ``<image>`` tokens ``ref`` takes in the sequence: its budget, or n_latents when kept."""
+        return self.n_latents if self.keep_perceiver else ref.tokens
+
     # -- inputs -----------------------------------------------------------------------------------
     def pixels(self, ref: ImageRef) -> torch.Tensor:
         """(3, S, S) normalised pixels of one reference image."""
@@ -150,16 +213,19 @@ class MumuEncoder(nn.Module):
     def tokenize(self, prompt: InterleavedPrompt) -> list[int]:
         # One string with the image tokens inline, tokenized in one call, as Idefics2's processor
         # does: tokenizing segments separately would add sentencepiece prefix spaces mid-sentence.
+        check_prompt_text(prompt, self.control_tokens)
         parts = [self.tokenizer.bos_token or ""]
         for s in prompt.segments:
             parts.append(
-                s if isinstance(s, str) else FAKE_IMAGE_TOKEN + IMAGE_TOKEN * s.tokens + FAKE_IMAGE_TOKEN
+                s
+                if isinstance(s, str)
+                else FAKE_IMAGE_TOKEN + IMAGE_TOKEN * self.image_seq_len(s) + FAKE_IMAGE_TOKEN
             )
         ids = self.tokenizer("".join(parts), add_special_tokens=False)["input_ids"]
-        expected = sum(r.tokens for r in prompt.images)
+        expected = sum(self.image_seq_len(r) for r in prompt.images)
         got = sum(1 for i in ids if i == self.image_token_id)
         if got != expected:  # the text itself contained "<image>"-like special tokens
-            raise ValueError(
+            raise PromptError(
                 f"the prompt text produced {got} image tokens but its images need {expected}: "
                 f"remove literal {IMAGE_TOKEN} / {FAKE_IMAGE_TOKEN} strings from the text"
             )
@@ -167,7 +233,8 @@ class MumuEncoder(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
     def image_features(self, refs: Sequence[ImageRef]) -> list[torch.Tensor]:
-        """Per image, (tokens, D) features after the vision tower and modality projection."""
+        """Per image, (tokens, D) features after the vision tower and modality projection (and, when kept,
+        the perceiver resampler: (n_latents, D))."""
         feats: list[torch.Tensor | None] = [None] * len(refs)
         by_side: dict[int, list[int]] = {}
         for i, r in enumerate(refs):
@@ -176,6 +243,11 @@ class MumuEncoder(nn.Module):
             px = torch.stack([self.pixels(refs[i]) for i in idx]).to(self.dtype)
             h = self.vlm.vision_model(pixel_values=px).last_hidden_state
             h = self.vlm.connector.modality_projection(h)
+            if self.keep_perceiver:
+                # Every patch is real (no padding within a same-side batch), as Idefics2's own
+                # get_image_features passes for unpadded images.
+                full = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+                h = self.vlm.connector.perceiver_resampler(context=h, attention_mask=full)
             for j, i in enumerate(idx):
                 feats[i] = h[j]
         return feats  # type: ignore[return-value]
@@ -203,8 +275,9 @@ class MumuEncoder(nn.Module):
                 positions = (input_ids[b] == self.image_token_id).nonzero().squeeze(1)
                 start = 0
                 for j, r in enumerate(p.images):
-                    image_index[b, positions[start : start + r.tokens]] = j
-                    start += r.tokens
+                    n_tok = self.image_seq_len(r)
+                    image_index[b, positions[start : start + n_tok]] = j
+                    start += n_tok
                 rows.append(torch.cat(feats[k : k + len(p.images)]) if p.images else None)
                 k += len(p.images)
             # masked_scatter fills image positions in row-major order, which is prompt order.

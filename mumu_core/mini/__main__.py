@@ -31,6 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .base_t2i import main as base_t2i_main
 
         return base_t2i_main(argv[1:])
+    if argv[:1] == ["base-vlm"]:
+        from .base_vlm import main as base_vlm_main
+
+        return base_vlm_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m mumu_core.mini", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bootstrap", help="render scenes and bootstrap them into shards (known boxes)")
@@ -62,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser(
         "base-t2i", help="the mini text-to-image base and fine-tune: train, finetune, check (see its --help)"
     )
+    sub.add_parser("base-vlm", help="the mini VLM base (Idefics2, perceiver in place): train, check, ship")
     args = ap.parse_args(argv)
 
     if args.cmd in ("demo", "ship", "demo-assets"):

@@ -193,6 +193,14 @@ def _make_tiny(args: argparse.Namespace) -> int:
         f'--prompt "a <image> man and his <image> dog" --image {m.images[0]} --image {m.images[1]} '
         f"--out {m.root / 'out'} --steps 4"
     )
+    if m.pickscore is not None and m.llm is not None:
+        print(f"pickscore: {m.pickscore}\nllm:    {m.llm}")
+        if m.sdxl_single_file is not None:  # the tiny preset's sdxl/ is a full text-to-image pipeline
+            print(
+                f"data: python -m mumu_core.data prompts --out {m.root / 'prompts.jsonl'} --styles-per-content 2 "
+                f"&& python -m mumu_core.data synth --prompts {m.root / 'prompts.jsonl'} --sdxl {m.sdxl} "
+                f"--pickscore {m.pickscore} --min-pickscore -100 --steps 2 --out {m.root / 'synth'}"
+            )
     return 0
 
 

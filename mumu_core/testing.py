@@ -7,7 +7,10 @@
 - ``sdxl_single.safetensors``: the same UNet + VAE as one original-layout (ldm) checkpoint,
 - ``bundle.safetensors``: connector + VLM LoRA + UNet LoRA, LoRAs with non-zero random ``B`` so that
   they change outputs (peft initialises ``B`` to zero, which would make every LoRA test pass vacuously),
-- ``images/ref1.png``, ``images/ref2.png``: small reference pictures.
+- ``images/ref1.png``, ``images/ref2.png``: small reference pictures,
+- for the synthetic-data commands (``mumu_core.data.tiny_synth``): the tiny preset's ``sdxl/`` also holds
+  SDXL's two text encoders + tokenizers (a complete ``StableDiffusionXLPipeline`` folder), ``pickscore/``
+  (a CLIPModel + CLIPProcessor, PickScore's classes) and ``llm/`` (a causal LM with a chat template).
 
 The set is built once per folder: a finished folder carries a stamp and is reused (also across
 processes); building happens in a temporary sibling folder that is renamed into place, so a crash or a
@@ -29,7 +32,7 @@ from PIL import Image
 from .presets import Preset, build_sdxl_folder, build_vlm_folder, get_preset
 
 # Bump when the layout or content of the set changes, so stale cached folders are rebuilt.
-TINY_SET_VERSION = "1"
+TINY_SET_VERSION = "2"
 _STAMP = ".mumu_tiny_models"
 _CACHE: dict[tuple[str, str], TinyModels] = {}
 
@@ -43,6 +46,8 @@ class TinyModels:
     sdxl_single_file: Path | None  # None for a pixel-space preset (nothing VAE-like to write)
     bundle: Path
     images: tuple[Path, ...]
+    pickscore: Path | None = None  # CLIPModel + CLIPProcessor folder (data synth / score)
+    llm: Path | None = None  # instruction causal LM folder (data prompts)
 
 
 def build_tiny_models(root: str | Path, preset: str | Preset = "tiny", seed: int = 0) -> TinyModels:
@@ -91,6 +96,8 @@ def _describe(root: Path, preset: Preset) -> TinyModels:
         sdxl_single_file=single if single.is_file() else None,
         bundle=root / "bundle.safetensors",
         images=(root / "images" / "ref1.png", root / "images" / "ref2.png"),
+        pickscore=root / "pickscore" if (root / "pickscore").is_dir() else None,
+        llm=root / "llm" if (root / "llm").is_dir() else None,
     )
 
 
@@ -108,6 +115,7 @@ def _build(root: Path, preset: Preset, seed: int) -> None:
 
     from .bundle import add_unet_lora, make_bundle, save_bundle
     from .connector import MumuConnector
+    from .data.tiny_synth import add_sdxl_text_encoders, build_tiny_instruct_llm, build_tiny_pickscore
     from .encoder import MumuEncoder
     from .sdxl import components_to_ldm, load_sdxl
 
@@ -116,6 +124,13 @@ def _build(root: Path, preset: Preset, seed: int) -> None:
     comps = load_sdxl(root / "sdxl", preset)
     if type(comps.vae).__name__ == "AutoencoderKL":
         save_file(components_to_ldm(comps.unet, comps.vae), str(root / "sdxl_single.safetensors"))
+        # Text side for text-to-image (data synth): widths that fit the UNet's context and pooled inputs.
+        pooled = (
+            preset.unet["projection_class_embeddings_input_dim"] - 6 * preset.unet["addition_time_embed_dim"]
+        )
+        add_sdxl_text_encoders(root / "sdxl", preset.unet["cross_attention_dim"], pooled, seed=seed + 4)
+    build_tiny_pickscore(root / "pickscore", seed=seed + 5)
+    build_tiny_instruct_llm(root / "llm", seed=seed + 6)
 
     encoder = MumuEncoder.from_pretrained(root / "vlm")
     encoder.add_lora(rank=4, alpha=8.0)

@@ -1,4 +1,4 @@
-"""``python -m mumu_core.data {bootstrap,contact-sheet}`` (see docs/DATA.md)."""
+"""``python -m mumu_core.data {bootstrap,contact-sheet,prompts,synth,score}`` (see docs/DATA.md)."""
 
 from __future__ import annotations
 
@@ -89,9 +89,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--html", help="also write a self-contained HTML page here")
     c.add_argument("-n", type=int, default=8)
 
+    from . import synth_cli
+
+    synth_cli.add_commands(sub)
+
+    from . import curate_cli
+
+    curate_cli.add_commands(sub)
+
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    if args.cmd in curate_cli.COMMANDS:
+        return curate_cli.run(args)
+
+    if args.cmd in synth_cli.COMMANDS:
+        return synth_cli.run(args)
     if args.cmd == "contact-sheet":
         from .contact_sheet import contact_sheet
 

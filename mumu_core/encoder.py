@@ -89,10 +89,10 @@ def check_vlm_folder(folder: str | Path) -> Path:
         raise EncoderLoadError(f"VLM folder {folder} does not exist. Put {VLM_FOLDER_HELP} there.")
     # Every tokenizer file is required: without tokenizer_config.json (or tokenizer.json, with a
     # tokenizer.model beside it) transformers silently builds a tokenizer with other special tokens.
-    required = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json")
-    missing = [f for f in required if not (folder / f).is_file()]
+    missing = [f for f in ("config.json", "preprocessor_config.json") if not (folder / f).is_file()]
     if not any(folder.glob("*.safetensors")):
         missing.append("model*.safetensors")
+    missing += [f for f in ("tokenizer.json", "tokenizer_config.json") if not (folder / f).is_file()]
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:

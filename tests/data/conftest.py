@@ -32,3 +32,11 @@ def image_folder(tmp_path) -> Path:
     (root / "img4.txt").write_text("a broken dog")
     synth_image(100, 100, seed=9).save(root / "img5.png")  # no caption file
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_curate(tmp_path_factory) -> dict[str, Path]:
+    """The curate models (sfw, watermark, people, llava folders) of mumu_core.data.curate_tiny."""
+    from mumu_core.data.curate_tiny import build_tiny_curate_models
+
+    return build_tiny_curate_models(tmp_path_factory.mktemp("curate_models"))

@@ -43,6 +43,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from .analyser import Analyser, Analysis
+from .base_t2i import FRAMED_MAX_BRIGHTNESS, frame_score
 from .world import (
     CATEGORY_WORDS,
     COLOURS,
@@ -506,6 +507,10 @@ def run_evaluation(
         )
         analyses = analyser.analyse(images, max_objects=2)
         scores = [score_case(c, a) for c, a in zip(cs, analyses, strict=True)]
+        # The mini fine-tune's look (Finding 4): a dark frame, by the rule the fine-tune is checked with.
+        framed = (
+            frame_score(np.stack([np.asarray(im.convert("RGB")) for im in images])) < FRAMED_MAX_BRIGHTNESS
+        )
         if suite == "single":
             report.shape_confusion[f"single g={guidance:g} {condition}"] = shape_confusion(cs, analyses)
         report.rows.append(
@@ -518,6 +523,7 @@ def run_evaluation(
                 else (cfg.tokens_per_image if condition == "image" else 0),
                 "n": len(cs),
                 **_mean(scores),
+                "framed": float(framed.mean()),
             }
         )
         if guidance == cfg.guidance:
@@ -563,13 +569,17 @@ def _targets(report: EvalReport, cfg: EvalConfig) -> list[dict]:
         txt = report.row(suite="single", guidance=g, condition="text_only")
         ch = report.chance["single"]
         add("single: colour", img["colour"], ">= 0.95", img["colour"] >= 0.95)
-        add("single: shape", img["shape"], ">= 0.80", img["shape"] >= 0.80)
+        add("single: shape", img["shape"], ">= 0.85", img["shape"] >= 0.85)
         for k in ("colour", "shape"):
             add(f"text-only: {k} vs chance {ch[k]:.3f}", txt[k], "within 0.05", abs(txt[k] - ch[k]) <= 0.05)
     if "pair" in cfg.suites:
         img = report.row(suite="pair", guidance=g, condition="image")
-        add("pair: both colours", img["both_colours"], ">= 0.80", img["both_colours"] >= 0.80)
-        add("pair: both shapes", img["both_shapes"], ">= 0.50", img["both_shapes"] >= 0.50)
+        add("pair: both colours", img["both_colours"], ">= 0.85", img["both_colours"] >= 0.85)
+        add("pair: both shapes", img["both_shapes"], ">= 0.70", img["both_shapes"] >= 0.70)
+        add("pair: two objects drawn", img["found_two"], ">= 0.90", img["found_two"] >= 0.90)
+    if "style" in cfg.suites:
+        img = report.row(suite="style", guidance=g, condition="image")
+        add("style: background style from a reference", img["style"], ">= 0.80", img["style"] >= 0.80)
     if "tokens" in cfg.suites:
         tr = sorted(
             (r for r in rows if r["suite"] == "tokens" and r["guidance"] == g), key=lambda r: r["tokens"]

@@ -75,7 +75,9 @@ def test_references_ignored_gives_chance(analyser: Analyser, tmp_path) -> None:
     pair = report.row(suite="pair", guidance=1.5, condition="image")
     assert abs(pair["both_colours"] - ch["pair"]["both_colours"]) < 0.06
     assert abs(report.row(suite="style", guidance=1.5, condition="image")["style"] - 1 / 3) < 0.1
-    assert not any(t["pass"] for t in report.targets if not t["name"].startswith("text-only"))
+    # A random renderer still draws two objects; every check of following the references fails.
+    follows = [t for t in report.targets if not t["name"].startswith(("text-only", "pair: two objects"))]
+    assert follows and not any(t["pass"] for t in follows)
 
 
 def constant_generator(prompts: Sequence[E.MiniPrompt], guidance: float, seed: int) -> list[Image.Image]:

@@ -1,8 +1,10 @@
 """``python -m mumu_core``: generate, export-lora, fuse, make-tiny.
 
-Bad input (missing or corrupt files, prompts that do not fit their images, impossible settings) prints
-one ``error: ...`` line and exits with status 2; everything is validated before any model loads, and
-images are written atomically, so a failure never leaves a partial PNG or clobbers an earlier one.
+Bad input (missing or corrupt files, prompts that do not fit their images, impossible settings, an
+output that is not writable or is one of the inputs) prints one ``error: ...`` line and exits with
+status 2; everything is validated before any model loads, and images are written atomically, so a
+failure never leaves a partial PNG or clobbers an earlier one. ``--debug`` (anywhere on the command
+line) or ``MUMU_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -32,7 +34,42 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .prompt import PromptError
     from .sdxl import SDXLLoadError
 
-    return (BundleError, EncoderLoadError, GenerationError, PromptError, SDXLLoadError)
+    return (BundleError, EncoderLoadError, GenerationError, PromptError, SDXLLoadError, OutputError)
+
+
+class OutputError(ValueError):
+    """An output path cannot be written, or would overwrite an input; found before any work."""
+
+
+def _probe_writable(folder: Path, what: str) -> None:
+    """Prove a file can be written in ``folder``, or in the nearest existing folder above it (which
+    the output will be created in), without leaving anything behind: permissions, read-only disks,
+    a file where a folder should be."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{what} {folder}: {existing} is a file, not a folder; choose another path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".mumu-write-check-"):
+            pass
+    except OSError as e:
+        raise OutputError(
+            f"{what} {folder} cannot be written ({existing}: {e.strerror or e}): choose another path "
+            "or fix its permissions"
+        ) from None
+
+
+def check_output_file(out: Path, inputs: Sequence[Path], suffix: str = ".safetensors") -> None:
+    """``out`` is a new or replaceable file, never one of ``inputs``, and its folder is writable."""
+    if out.suffix != suffix:
+        raise OutputError(f"--out {out} must end in {suffix}")
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder: give a file path ending in {suffix}")
+    for src in inputs:
+        if out.resolve() == src.resolve() or (out.exists() and src.exists() and out.samefile(src)):
+            raise OutputError(f"--out {out} is the input {src}: refusing to overwrite it; give another path")
+    _probe_writable(out.parent, "the folder of --out")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,13 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MUMU_DEBUG", "") not in ("", "0")
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    if debug:
+        return {"generate": _generate, "export-lora": _export, "fuse": _fuse, "make-tiny": _make_tiny}[
+            args.command
+        ](args)
     try:
         return {"generate": _generate, "export-lora": _export, "fuse": _fuse, "make-tiny": _make_tiny}[
             args.command
         ](args)
     except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
@@ -117,6 +160,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise SDXLLoadError(f"SDXL path {args.sdxl} does not exist")
     if args.out.exists() and not args.out.is_dir():
         raise GenerationError(f"--out {args.out} is a file: give a folder for the PNGs")
+    _probe_writable(args.out, "--out")  # before sampling: an unwritable folder must not cost the work
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -154,7 +198,9 @@ def save_png_atomic(image, folder: Path, stem: str) -> Path:
     os.close(fd)
     try:
         image.save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)
+        from .bundle import apply_umask
+
+        apply_umask(tmp)  # mkstemp's 0600 would hide the image from other users
         for n in range(100000):
             target = folder / f"{stem}-{n:04d}.png"
             try:
@@ -171,6 +217,7 @@ def save_png_atomic(image, folder: Path, stem: str) -> Path:
 def _export(args: argparse.Namespace) -> int:
     from .bundle import export_kohya_unet_lora, load_bundle
 
+    check_output_file(args.out, [args.bundle])
     print(export_kohya_unet_lora(load_bundle(args.bundle), args.out))
     return 0
 
@@ -178,6 +225,7 @@ def _export(args: argparse.Namespace) -> int:
 def _fuse(args: argparse.Namespace) -> int:
     from .bundle import fuse_unet_lora_into_checkpoint, load_bundle
 
+    check_output_file(args.out, [args.bundle, args.sdxl])
     print(fuse_unet_lora_into_checkpoint(load_bundle(args.bundle), args.sdxl, args.out, args.scale))
     return 0
 

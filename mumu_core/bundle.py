@@ -174,6 +174,13 @@ def load_bundle(path: str | Path) -> MumuBundle:
         raise BundleError(
             f"{path} cannot be read as safetensors ({e}): it is corrupt or not {BUNDLE_HELP}"
         ) from e
+    for state, prefix in zip(states, _PREFIXES):
+        for k, t in state.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise BundleError(
+                    f"{path}: tensor {prefix}{k} holds NaN/inf values: the bundle is broken (e.g. saved "
+                    "from a diverged run); export it again from the last good checkpoint"
+                )
     bundle = MumuBundle(meta, *states)
     _check_connector_state(bundle, path)
     _check_lora_meta(bundle, path)

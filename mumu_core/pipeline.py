@@ -67,6 +67,7 @@ class MumuPipeline:
         self.preset = preset
         self.device = torch.device(device)
         self.dtype = dtype
+        self.lora_scale = 1.0  # what from_paths applied; named when an output is not finite
         # The bundle records what the UNet was trained to predict; the sampler must agree with it.
         scheduler = DDIMScheduler.from_config(
             components.scheduler.config, prediction_type=bundle.meta.prediction_type
@@ -112,7 +113,9 @@ class MumuPipeline:
         check_unet_compatible(bundle, dict(components.unet.config))
         apply_unet_lora(components.unet, bundle, lora_scale)
         conditioner = load_conditioner(vlm, bundle, dtype=dtype, device="cpu")
-        return cls(conditioner, components, bundle, p, device=device, dtype=dtype, kv_cache=kv_cache)
+        pipe = cls(conditioner, components, bundle, p, device=device, dtype=dtype, kv_cache=kv_cache)
+        pipe.lora_scale = lora_scale
+        return pipe
 
     # -- steps -----------------------------------------------------------------------------------
     def settings(
@@ -181,10 +184,11 @@ class MumuPipeline:
                 target_size=(s.height, s.width),
                 crops_coords_top_left=(0, 0),
                 generator=torch.Generator("cpu").manual_seed(seed + i),
-                output_type="pil",
+                output_type="np",  # checked for NaN/inf before it becomes an (all-black) PNG
             )
             self.kv_cache.clear()  # this prompt's K/V are released before the next prompt samples
-            images.extend(out.images)
+            check_finite_output(out.images, cond, self, s)
+            images.extend(self.pipe.numpy_to_pil(out.images))
         return images
 
     def _to(self, module: torch.nn.Module, device: str | torch.device) -> None:
@@ -194,6 +198,27 @@ class MumuPipeline:
         module.to(device)
         if device.type == "cpu" and torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def check_finite_output(images, cond: SDXLConditioning, pipe: MumuPipeline, s: GenerationSettings) -> None:
+    """NaN/inf pixels are an error naming the likely cause, never a black image with exit 0."""
+    import numpy as np
+
+    if np.isfinite(images).all():
+        return
+    if not (torch.isfinite(cond.context).all() and torch.isfinite(cond.pooled).all()):
+        cause = (
+            "the conditioning itself is not finite: the bundle's connector or VLM LoRA is broken or made "
+            "for another VLM, or the VLM overflows in this dtype"
+        )
+    else:
+        cause = "the conditioning is finite, so the UNet or the VAE overflowed"
+    raise GenerationError(
+        f"the generated image has NaN/inf pixels ({cause}). Likely causes: the bundle "
+        f"({pipe.bundle.meta.preset} preset) does not fit this SDXL checkpoint or is broken; the LoRA scale "
+        f"{pipe.lora_scale} or the guidance {s.guidance} is too large; dtype {str(pipe.dtype).split('.')[-1]} "
+        "overflows (SDXL's VAE overflows in float16: use float32 or bfloat16). Nothing was written"
+    )
 
 
 def resolve_settings(

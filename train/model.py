@@ -114,7 +114,11 @@ def build_model(cfg: TrainConfig, preset: Preset, device: torch.device, log=prin
     torch.manual_seed(cfg.optim.seed)  # same fresh weights (connector, LoRA A) on every rank
     load_dtype = DTYPES[cfg.model.frozen_dtype]
     encoder = MumuEncoder.from_pretrained(
-        cfg.model.vlm, dtype=load_dtype, device="cpu", hidden_state_layer=preset.hidden_state_layer
+        cfg.model.vlm,
+        dtype=load_dtype,
+        device="cpu",
+        hidden_state_layer=preset.hidden_state_layer,
+        keep_perceiver=cfg.model.keep_perceiver,
     )
     comps = load_sdxl(cfg.model.sdxl, preset, dtype=load_dtype, device="cpu")
     unet, vae = comps.unet, comps.vae

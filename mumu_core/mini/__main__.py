@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = sub.add_parser("demo", help="generate the bundled demo prompts with the shipped (or a given) model")
     d.add_argument("--out", type=Path, required=True)
     d.add_argument("--model", type=Path, default=None, help="a model folder (default: the shipped one)")
-    d.add_argument("--samples", type=int, default=4, help="images per prompt")
+    d.add_argument("--samples", type=int, default=4, help="images per prompt (and as many text-only)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--steps", type=int, default=None, help="default: the mini preset's")
     d.add_argument("--guidance", type=float, default=None, help="default: the mini preset's")
@@ -72,9 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd in ("demo", "ship", "demo-assets"):
         from . import demo as D
 
+        if args.cmd == "demo" and args.samples < 1:
+            ap.error(f"--samples must be >= 1, got {args.samples}")
         try:
             if args.cmd == "demo":
-                files = D.run_demo(
+                result = D.run_demo(
                     args.out,
                     model=args.model or D.MODEL_DIR,
                     samples=args.samples,
@@ -82,9 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     steps=args.steps,
                     guidance=args.guidance,
                 )
-                print(
-                    f"wrote {len(files)} PNGs to {args.out} (contact sheet: {args.out / 'contact_sheet.png'})"
-                )
+                print(f"wrote {len(result.files)} PNGs and summary.txt/.json to {args.out}")
+                print("\n".join(result.summary))  # what the sheet shows, in three lines
             elif args.cmd == "ship":
                 info: dict = {"command": args.command}
                 if args.recipe is not None:

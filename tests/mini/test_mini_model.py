@@ -66,17 +66,40 @@ def test_model_paths_names_what_is_missing(tmp_path: Path) -> None:
         D.model_paths(tmp_path)
 
 
-def test_demo_command_writes_pngs(tmp_path: Path, one_thread) -> None:
+def test_demo_command_writes_pngs_sheet_and_summary(tmp_path: Path, one_thread, capsys) -> None:
     prompts = D.load_demo_prompts()
     assert any(len(p.images) == 2 and "ref2" in p.images[1] for p in prompts), "a two-crop prompt"
     assert any(p.images and p.images[-1].endswith("_bg.png") for p in prompts), "a style reference"
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--samples", "1", "--steps", "2"]) == 0
+    n = 2
+    assert main(["demo", "--out", str(out), "--samples", str(n), "--steps", "2"]) == 0
     for p in prompts:
-        im = Image.open(out / f"{p.name}_0.png")
-        assert im.size == (24, 24)
-    sheet = Image.open(out / "contact_sheet.png")
-    assert sheet.height > 24 * len(prompts)
+        for k in range(n):
+            for stem in (p.name, f"{p.name}_textonly"):
+                assert Image.open(out / f"{stem}_{k}.png").size == (24, 24)
+    lines = (out / "summary.txt").read_text().splitlines()
+    assert len(lines) == 3 and str(out / "contact_sheet.png") in lines[0]
+    assert capsys.readouterr().out.splitlines()[-3:] == lines  # printed too
+    report = json.loads((out / "summary.json").read_text())
+    assert report["summary"] == lines and report["settings"]["samples"] == n
+    n_obj = sum(r.kind == "object" for p in prompts for r in p.references) * n
+    n_styled = sum(any(r.kind == "style" for r in p.references) for p in prompts) * n
+    for key in ("with_references", "text_only"):
+        counts = report[key]
+        assert (counts["objects"], counts["styled"], counts["samples"]) == (n_obj, n_styled, n * len(prompts))
+        for what in ("colour", "shape", "style"):
+            assert 0 <= counts[what] <= (n_styled if what == "style" else n_obj)
+        listed = [
+            m
+            for p in report["prompts"]
+            for m in p["samples" if key == "with_references" else "text_only_samples"]
+        ]
+        assert counts["colour"] == sum(o["colour_ok"] for m in listed for o in m["objects"])
+        assert counts["all_right"] == sum(m["all_right"] for m in listed)
+    w = report["with_references"]
+    assert f"colour in {w['colour']}/{n_obj} objects" in lines[1]
+    layout = D.sheet_layout(max(len(p.images) for p in prompts), n, len(prompts), lines)
+    assert Image.open(out / "contact_sheet.png").size == layout.size
 
 
 def test_demo_assets_are_reproducible(tmp_path: Path) -> None:

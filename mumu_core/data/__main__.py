@@ -139,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             argparse.Namespace(**{**vars(args), "format": args.format or _guess_format(args.input)})
         )
         executor = "ray" if args.ray_address else args.executor
+        _sigterm_as_interrupt()
         manifest = bootstrap(
             source,
             args.out,
@@ -151,12 +152,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the part being written deleted its temp file on the way out
+        print("interrupted: finished parts are kept; run the same command again to resume", file=sys.stderr)
+        return 130
     print(
         json.dumps(
             {"out": args.out, **manifest["counts"], "filter": manifest["filter"], "parts": manifest["parts"]}
         )
     )
     return 1 if manifest["parts"]["failed"] else 0
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (a scheduler's stop, ``kill``) unwinds like Ctrl-C, so temp files are cleaned up."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -313,7 +315,17 @@ def process_part(
                 run([entry], writer)
             return
         for sample in got:
-            writer.add(sample)
+            try:
+                # add() encodes the record before it writes a byte, so a record that cannot be
+                # stored (e.g. text that is not valid Unicode) is skipped and the tar stays whole.
+                writer.add(sample)
+            except (ValueError, TypeError) as e:  # UnicodeEncodeError is a ValueError
+                source_key = sample.record.get("source_key")
+                log.warning("skipping %s (%s): cannot store its record: %s", sample.key, source_key, e)
+                bst["images_out"] -= 1
+                bst["errors"].append(
+                    {"key": sample.key, "source_key": source_key, "error": f"bad record: {e}"}
+                )
         _merge_stats(stats, bst)
 
     with ShardWriter(tar) as writer:
@@ -396,6 +408,37 @@ def _run_ray(source, todo, out_dir, cfg, need_detector, progress, ray_address, n
     return run_parts_on_ray(_RayPartWorker, kwargs, todo, "bootstrap", progress, ray_address, num_workers)
 
 
+def remove_stale_temp_files(out: Path) -> list[Path]:
+    """Delete the temp files (``.shard-*.tar.tmp-PID-*`` and the like) a killed run left behind.
+
+    A temp file names the process that writes it; one whose process no longer runs on this host is
+    garbage (SIGKILL, a lost node, a crash below Python). Files of live processes are left alone, so
+    a second bootstrap into the same folder does not break a running one.
+    """
+    removed = []
+    for p in out.glob(".*.tmp-*"):
+        m = re.fullmatch(r"\..+\.tmp-(\d+)-[0-9a-f]+", p.name)
+        if not m or not p.is_file() or _pid_alive(int(m.group(1))):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    if removed:
+        log.info(
+            "removed %d temp file(s) of an earlier, killed run: %s", len(removed), [p.name for p in removed]
+        )
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def bootstrap(
     source: Source,
     out_dir: str | Path,
@@ -425,6 +468,7 @@ def bootstrap(
             "(a local GroundingDINO folder, see docs/DATA.md 'Where weights go')"
         )
     n_parts = source.num_parts()
+    remove_stale_temp_files(out)
     todo = [i for i in range(n_parts) if not is_finished(out, i, cfg)]
     skipped = n_parts - len(todo)
     if skipped:

@@ -13,7 +13,8 @@ settings), so Ray ships it to workers; items are read inside the worker.
 - ``KnownBoxesSource``: records that already have boxes (synthetic scenes, COCO); skips the detector.
 
 A read problem never raises out of ``read_part``: it yields a ``SourceItem`` with ``error`` set, so
-the pipeline logs it, counts it and goes on.
+the pipeline logs it, counts it and goes on. That includes a caption that is not valid UTF-8 text
+(``caption_problem``): it is never "repaired" with replacement characters, the item is skipped.
 """
 
 from __future__ import annotations
@@ -92,6 +93,29 @@ def _json_meta(data: bytes | None) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
+def caption_problem(caption: object) -> str | None:
+    """Why ``caption`` cannot be stored as a record's caption, or None when it can."""
+    if not isinstance(caption, str):
+        return f"caption is {type(caption).__name__}, not text"
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates, e.g. from a JSON "\ud800" escape
+        return f"caption is not valid Unicode text ({e.reason} at {e.start})"
+    if "\x00" in caption:
+        return "caption contains a NUL character"
+    return None
+
+
+def decode_caption(data: bytes, what: str) -> tuple[str | None, str | None]:
+    """(caption, None) for UTF-8 text, else (None, the reason)."""
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        return None, f"{what} is not UTF-8 text (byte {e.start}: {e.reason})"
+    problem = caption_problem(text)
+    return (None, f"{what}: {problem}") if problem else (text, None)
+
+
 def _json_caption(data: bytes) -> str | None:
     try:
         meta = json.loads(data)
@@ -127,9 +151,15 @@ class WebDatasetSource(Source):
 
         def emit(key: str, members: dict[str, bytes]) -> SourceItem:
             img = next((members[e] for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
-            cap = members["txt"].decode("utf-8", "replace").strip() if "txt" in members else None
+            cap = None
+            if "txt" in members:
+                cap, problem = decode_caption(members["txt"], f"{key}.txt")
+                if problem:
+                    return SourceItem(key, error=problem)
             if cap is None and "json" in members:
                 cap = _json_caption(members["json"])
+                if cap is not None and caption_problem(cap):
+                    return SourceItem(key, error=f"{key}.json caption: {caption_problem(cap)}")
             if img is None:
                 return SourceItem(key, error="no image member (jpg/jpeg/png/webp)")
             if cap is None and self.captions_required:
@@ -186,7 +216,12 @@ class FolderSource(Source):
                 if not txt.is_file() and self.captions_required:
                     yield SourceItem(key, error=f"no caption file {txt}")
                     continue
-                cap = txt.read_text("utf-8").strip() if txt.is_file() else None
+                cap = None
+                if txt.is_file():
+                    cap, problem = decode_caption(txt.read_bytes(), f"caption file {txt}")
+                    if problem:
+                        yield SourceItem(key, error=problem)
+                        continue
                 yield SourceItem(key, image_bytes=Path(p).read_bytes(), caption=cap)
             except OSError as e:
                 yield SourceItem(key, error=f"cannot read {p}: {e}")
@@ -277,8 +312,8 @@ class ParquetSource(Source):
         for r, row in enumerate(rows):
             key = str(row[self.key_column]) if self.key_column else f"{Path(f).stem}:{group}:{r}"
             cap = row[self.caption_column] if self.caption_column else None
-            if not isinstance(cap, str) and (self.captions_required or cap is not None):
-                yield SourceItem(key, error=f"caption is {type(cap).__name__}, not text")
+            if (self.captions_required or cap is not None) and caption_problem(cap):
+                yield SourceItem(key, error=caption_problem(cap))
                 continue
             try:
                 yield SourceItem(key, image_bytes=self._image_bytes(row[self.image_column], f), caption=cap)

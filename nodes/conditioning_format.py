@@ -18,16 +18,20 @@ import torch
 
 from mumu_core.conditioning import SDXLConditioning
 
+from .errors import public_error
+
 SDXL_CONTEXT_DIM = 2048
 SDXL_POOLED_DIM = 1280
 SDXL_ADM_CHANNELS = 2816  # pooled 1280 + 6 size numbers x 256 Fourier features
 SIZE_KEYS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
 
 
+@public_error
 class ConditioningFormatError(ValueError):
     """A conditioning, model or LoRA does not have the SDXL shape ComfyUI needs; the message says why."""
 
 
+@public_error
 class NotSDXLError(ConditioningFormatError):
     pass
 
@@ -99,6 +103,35 @@ def to_comfy(
     positive = [[cond.context, {"pooled_output": cond.pooled, **extras}]]
     negative = [[neg.context, {"pooled_output": neg.pooled, **extras}]]
     return positive, negative
+
+
+def check_latent_batch(prompts: int, latent: Mapping[str, Any] | None) -> None:
+    """Refuse a conditioning batch that ComfyUI's sampler would silently cut or mix up.
+
+    ComfyUI repeats or truncates a conditioning to the latent batch (``comfy.utils.repeat_to_batch_size``):
+    with 3 prompts and a latent batch of 1, prompts 2 and 3 are dropped without a word. A latent batch that
+    is a multiple of the prompt count is fine (latent i takes prompt i mod B). More than one prompt needs
+    the latent connected, since nothing else tells the encoder the batch it will be sampled with.
+    """
+    if latent is None:
+        if prompts > 1:
+            raise ConditioningFormatError(
+                f"this prompt makes {prompts} conditionings (a batch of {prompts} images on one image input): "
+                "connect the KSampler's latent (an Empty Latent Image with batch_size "
+                f"{prompts}) to the encoder's latent input. ComfyUI samples only as many conditionings as "
+                "the latent batch and would drop the others silently."
+            )
+        return
+    samples = latent.get("samples") if isinstance(latent, Mapping) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim < 1:
+        raise ConditioningFormatError("latent must be a ComfyUI LATENT (a dict with a 'samples' tensor)")
+    n = int(samples.shape[0])
+    if n % prompts:
+        raise ConditioningFormatError(
+            f"the latent batch is {n} but the prompt makes {prompts} conditionings: ComfyUI would "
+            f"{'drop' if n < prompts else 'unevenly repeat'} prompts. Set the Empty Latent Image's batch_size "
+            f"to {prompts} (or a multiple of it)."
+        )
 
 
 def check_comfy_conditioning(conditioning: Any) -> None:

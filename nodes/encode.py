@@ -8,7 +8,7 @@ import comfy.model_management as mm
 import comfy.utils
 from comfy_api.latest import io
 
-from .conditioning_format import size_info, to_comfy
+from .conditioning_format import check_latent_batch, size_info, to_comfy
 from .encoding import GLOBAL_CACHE, encode_prompts
 from .loaders import POLICY_KEEP, MumuModel, unload
 from .prompt_spec import PromptSpec, describe
@@ -26,6 +26,7 @@ def encode(
     crop_h: int,
     target_width: int,
     target_height: int,
+    latent=None,
 ):
     if not isinstance(model, MumuModel):
         raise TypeError(f"mumu_model must come from the MUMU Loader, got {type(model).__name__}")
@@ -33,6 +34,7 @@ def encode(
         raise TypeError(
             f"mumu_prompt must come from the MUMU Interleaved Prompt Builder, got {type(spec).__name__}"
         )
+    check_latent_batch(spec.batch, latent)
     prompts = spec.prompts(model.meta.tokens_per_image)
     bar = comfy.utils.ProgressBar(len(prompts))
     loaded = False
@@ -92,6 +94,14 @@ class MumuEncoder(io.ComfyNode):
                 size("crop_h", 0, "SDXL crop conditioning (0 = uncropped)."),
                 size("target_width", 1024, "SDXL size conditioning: target width."),
                 size("target_height", 1024, "SDXL size conditioning: target height."),
+                io.Latent.Input(
+                    "latent",
+                    optional=True,
+                    tooltip=(
+                        "The KSampler's latent_image. Needed for a batch of prompts: a latent batch that is not "
+                        "a multiple of the prompt count is refused (ComfyUI would drop prompts silently)."
+                    ),
+                ),
             ],
             outputs=[
                 io.Conditioning.Output("positive", display_name="positive"),
@@ -110,8 +120,9 @@ class MumuEncoder(io.ComfyNode):
         crop_h: int = 0,
         target_width: int = 1024,
         target_height: int = 1024,
+        latent=None,
     ) -> io.NodeOutput:
         positive, negative = encode(
-            mumu_model, mumu_prompt, width, height, crop_w, crop_h, target_width, target_height
+            mumu_model, mumu_prompt, width, height, crop_w, crop_h, target_width, target_height, latent
         )
         return io.NodeOutput(positive, negative)

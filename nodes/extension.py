@@ -7,10 +7,21 @@ from comfy_api.latest import ComfyExtension, io
 from .encode import MumuEncoder
 from .loaders import MumuLoader
 from .lora import MumuLoraMerge, MumuSaveLora
+from .mini import MumuMiniLoader, MumuMiniSampler
 from .paths import register_folders
 from .prompt import MumuPromptBuilder
+from .segment import MumuSegmentReference
 
-NODES: list[type[io.ComfyNode]] = [MumuLoader, MumuPromptBuilder, MumuEncoder, MumuLoraMerge, MumuSaveLora]
+NODES: list[type[io.ComfyNode]] = [
+    MumuLoader,
+    MumuPromptBuilder,
+    MumuEncoder,
+    MumuLoraMerge,
+    MumuSaveLora,
+    MumuSegmentReference,
+    MumuMiniLoader,
+    MumuMiniSampler,
+]
 
 
 class MumuExtension(ComfyExtension):

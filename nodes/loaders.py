@@ -134,12 +134,13 @@ class MumuLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, vlm: str, bundle: str) -> bool | str:
-        # Taking these inputs here replaces ComfyUI's "Value not in list" by a message naming the
-        # exact expected path and what belongs there.
+    def validate_inputs(cls, vlm: str) -> bool | str:
+        # Taking vlm here replaces ComfyUI's "Value not in list" by a message naming the exact expected
+        # path and what belongs there. Only vlm: ComfyUI reports a failed validate_inputs against every
+        # input it takes, so taking bundle too would flag a good bundle whenever the VLM is missing. The
+        # bundle keeps ComfyUI's own dropdown check at queue time, and execute() names its path.
         try:
             paths.vlm_path(vlm)
-            paths.bundle_path(bundle)
         except ModelFileError as e:
             return str(e)
         return True

@@ -12,8 +12,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import public_error
+
 MUMU_FOLDER = "mumu"
 VLM_FOLDER = "LLM"
+DETECTOR_FOLDER = "grounding-dino"  # the folder names other segmentation packs use too
+SAM_FOLDER = "sams"
 BUNDLE_EXTENSIONS = (".safetensors",)
 MAX_DEPTH = 3
 
@@ -27,6 +31,7 @@ VLM_HELP = (
 )
 
 
+@public_error
 class ModelFileError(FileNotFoundError):
     """A model file or folder is missing; the message names the exact expected path."""
 
@@ -69,6 +74,20 @@ def resolve_hf_folder(name: str, roots: Sequence[str | os.PathLike]) -> Path:
     raise ModelFileError(
         f"VLM folder {name!r} not found: expected {expected} with config.json. Put {VLM_HELP} there "
         f"(ComfyUI's models/{VLM_FOLDER}/ or an '{VLM_FOLDER}:' entry of extra_model_paths.yaml)."
+    )
+
+
+def resolve_model_folder(name: str, roots: Sequence[str | os.PathLike], kind: str, what: str) -> Path:
+    """A Hugging Face folder ``name`` (with config.json) under ``roots`` of folder kind ``kind``."""
+    rel = _safe_relative(name)
+    for root in roots:
+        cand = Path(root) / rel
+        if (cand / "config.json").is_file():
+            return cand
+    expected = " or ".join(str(Path(r) / rel) for r in roots) or f"models/{kind}/{name}"
+    raise ModelFileError(
+        f"{kind} folder {name!r} not found: expected {expected} with config.json. Put {what} there "
+        f"(ComfyUI's models/{kind}/ or a '{kind}:' entry of extra_model_paths.yaml)."
     )
 
 

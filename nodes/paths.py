@@ -14,16 +14,19 @@ import folder_paths
 
 from .model_folders import (
     BUNDLE_EXTENSIONS,
+    DETECTOR_FOLDER,
     MUMU_FOLDER,
+    SAM_FOLDER,
     VLM_FOLDER,
     list_hf_folders,
     resolve_bundle,
     resolve_hf_folder,
+    resolve_model_folder,
 )
 
 
 def register_folders() -> None:
-    for kind in (MUMU_FOLDER, VLM_FOLDER):
+    for kind in (MUMU_FOLDER, VLM_FOLDER, DETECTOR_FOLDER, SAM_FOLDER):
         folder_paths.add_model_folder_path(kind, os.path.join(folder_paths.models_dir, kind))
     # Only bundles in the mumu dropdown. The set is mutated in place because a yaml entry may have
     # created it; an empty set would mean "every file".
@@ -57,3 +60,12 @@ def bundle_path(name: str) -> Path:
 
 def loras_dir() -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def hf_choices(kind: str) -> list[str]:
+    """Sub-folders holding a config.json of a registered folder kind (grounding-dino, sams)."""
+    return list_hf_folders(folder_paths.get_folder_paths(kind))
+
+
+def hf_path(kind: str, name: str, what: str) -> Path:
+    return resolve_model_folder(name, folder_paths.get_folder_paths(kind), kind, what)

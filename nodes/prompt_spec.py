@@ -11,7 +11,8 @@ input follows its image: batch 1 (shared) or the image's batch.
 
 Masks follow segmentation nodes: 1 (white) = keep, 0 = background, blanked to black as the paper's
 segmented test-time references are. ComfyUI's LoadImage MASK output is the opposite (1 = transparent)
-and is a blank 64x64 placeholder for images without alpha; both are refused with a message.
+and is a blank 64x64 placeholder for images without alpha; both are refused with a message (a mask that
+keeps the border and blanks the centre is taken for LoadImage's: :func:`looks_inverted`).
 
 Slots are numbered by input: ``image1`` is ``<image1>``. Connect them from ``image1`` upwards; a gap
 (image3 connected, image2 not) is an error rather than a silent renumbering.
@@ -152,7 +153,28 @@ def mask_to_uint8(mask: torch.Tensor, images: np.ndarray, name: str) -> np.ndarr
                 "1 = keep the subject; LoadImage's MASK is 1 = transparent, so put an InvertMask after it, "
                 "or disconnect the mask."
             )
+        if looks_inverted(m[i]):
+            raise PromptError(
+                f"{name} (batch item {i}) keeps the image's border and blanks its middle: it looks like "
+                "LoadImage's MASK of a transparent PNG, which is 1 = transparent (the background). Masks here "
+                "use 1 = keep the subject: put an InvertMask after LoadImage's mask."
+            )
     return np.round(m * 255).astype(np.uint8)
+
+
+def looks_inverted(mask: np.ndarray) -> bool:
+    """True for a (H, W) 0..1 mask that keeps the border and blanks the centre: a background mask.
+
+    LoadImage's MASK of a partly transparent PNG (a cut-out subject) is 1 on the transparent background,
+    which touches the border, and 0 on the subject in the middle. A keep-the-subject mask is the
+    opposite: its centre keeps at least as much as its border. Full-frame subjects (both ~1) pass.
+    """
+    h, w = mask.shape
+    if h < 4 or w < 4:
+        return False
+    border = np.concatenate([mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1]])
+    centre = mask[h // 4 : h - h // 4, w // 4 : w - w // 4]
+    return float(border.mean()) > 0.5 and float(border.mean()) - float(centre.mean()) > 0.25
 
 
 def build_prompt_spec(

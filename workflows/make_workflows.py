@@ -34,6 +34,14 @@ SDXL_CKPT = "sd_xl_base_1.0.safetensors"
 FINETUNE_CKPT = "animagine-xl-3.1.safetensors"
 VLM = "idefics2-8b"
 BUNDLE = "mumu-sdxl.safetensors"
+DETECTOR = "grounding-dino-base"  # models/grounding-dino/<this>/ (IDEA-Research/grounding-dino-base)
+SAM = "sam-vit-base"  # models/sams/<this>/ (facebook/sam-vit-base, transformers format)
+MINI_DEMO_DIR = ROOT / "mumu_core" / "mini" / "demo"
+# (example input name, shipped mini demo reference): held-out renders of the mini world.
+MINI_INPUTS = {
+    "mumu_mini_red_circle.png": "red_circle_ref1.png",
+    "mumu_mini_blue_square.png": "blue_square_ref1.png",
+}
 MAX_IMAGES = 4  # nodes/prompt_spec.MAX_IMAGES (not imported: this script must run without torch)
 
 # Socket inputs (name, type) and outputs (name, type) of the nodes used; widgets are separate.
@@ -60,8 +68,14 @@ SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
         [("mumu_prompt", "MUMU_PROMPT")],
     ),
     "MUMUEncoder": (
-        [("mumu_model", "MUMU_MODEL"), ("mumu_prompt", "MUMU_PROMPT")],
+        [("mumu_model", "MUMU_MODEL"), ("mumu_prompt", "MUMU_PROMPT"), ("latent", "LATENT")],
         [("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+    ),
+    "MUMUSegmentReference": ([("image", "IMAGE")], [("reference", "IMAGE"), ("mask", "MASK")]),
+    "MUMUMiniLoader": ([], [("mini_model", "MUMU_MINI_MODEL")]),
+    "MUMUMiniSampler": (
+        [("mini_model", "MUMU_MINI_MODEL"), ("mumu_prompt", "MUMU_PROMPT")],
+        [("images", "IMAGE")],
     ),
     "MUMULoraMerge": ([("model", "MODEL")], [("model", "MODEL")]),
     "MUMUSaveLora": ([], [("path", "STRING")]),
@@ -80,6 +94,9 @@ SIZES = {
     "MUMUEncoder": (300, 230),
     "MUMULoraMerge": (320, 90),
     "MUMUSaveLora": (320, 90),
+    "MUMUSegmentReference": (320, 200),
+    "MUMUMiniLoader": (340, 90),
+    "MUMUMiniSampler": (300, 200),
 }
 
 
@@ -189,8 +206,11 @@ def generation(
     ckpt: str = SDXL_CKPT,
     prefix: str = "MUMU/out",
     seed: int = 42,
+    segment: dict[int, str] | None = None,
 ) -> dict[str, Node]:
-    """Checkpoint -> MUMU LoRA Merge -> KSampler <- MUMU Encoder <- Prompt Builder <- LoadImage x N."""
+    """Checkpoint -> MUMU LoRA Merge -> KSampler <- MUMU Encoder <- Prompt Builder <- LoadImage x N.
+
+    ``segment`` {slot index: phrase}: that reference goes through MUMU Segment Reference (image + mask)."""
     wf.prompt = text
     wf.refs = [(f, t) for f, t, _ in refs]
     ckpt_node = wf.add("CheckpointLoaderSimple", (40, 60), [ckpt])
@@ -208,11 +228,24 @@ def generation(
         prompt_widgets(text, [t for _, t, _ in refs], [w for _, _, w in refs]),
     )
     for i, im in enumerate(images):
-        wf.link(im, "IMAGE", builder, f"image{i + 1}")
+        phrase = (segment or {}).get(i)
+        if phrase is None:
+            wf.link(im, "IMAGE", builder, f"image{i + 1}")
+            continue
+        seg = wf.add(
+            "MUMUSegmentReference",
+            (40 + 280 * i, 860),
+            [phrase, DETECTOR, SAM, 0.3, 0.05],
+            title=f"segment image{i + 1}: {phrase}",
+        )
+        wf.link(im, "IMAGE", seg, "image")
+        wf.link(seg, "reference", builder, f"image{i + 1}")
+        wf.link(seg, "mask", builder, f"mask{i + 1}")
     encoder = wf.add("MUMUEncoder", (880, 40), [1024, 1024, 0, 0, 1024, 1024])
     wf.link(loader, "mumu_model", encoder, "mumu_model")
     wf.link(builder, "mumu_prompt", encoder, "mumu_prompt")
     latent = wf.add("EmptyLatentImage", (880, 300), [1024, 1024, 1])
+    wf.link(latent, "LATENT", encoder, "latent")
     sampler = wf.add("KSampler", (1220, 40), [seed, "fixed", 50, 6.0, "ddim", "ddim_uniform", 1.0])
     wf.link(merge, "model", sampler, "model")
     wf.link(encoder, "positive", sampler, "positive")
@@ -267,15 +300,56 @@ def character() -> Workflow:
         "mumu_character_consistency",
         "MUMU: character consistency from one reference (1296 tokens)",
         "One person reference at 1296 tokens (504 px, 36x36 patches) keeps face detail; the text places "
-        "the same character in a new scene.",
+        "the same character in a new scene. MUMU Segment Reference cuts the person out first (GroundingDINO "
+        "finds 'person', SAM masks it), as the paper segments its references: a background left in gets copied.",
     )
     generation(
         wf,
         "a photo of <image> as an astronaut on the moon, smiling",
         [("mumu_face.png", "1296", 1.0)],
         prefix="MUMU/character",
+        segment={0: "person"},
     )
-    note(wf, (1220, 380))
+    note(
+        wf,
+        (1220, 380),
+        f"\n- models/grounding-dino/{DETECTOR}/ : GroundingDINO (Hugging Face folder)"
+        f"\n- models/sams/{SAM}/ : SAM in transformers format (facebook/sam-vit-base)",
+    )
+    return wf
+
+
+def mini() -> Workflow:
+    wf = Workflow(
+        "mumu_mini_no_downloads",
+        "MUMU-mini: runs out of the box (embedded model, CPU, seconds)",
+        "The pack's embedded MUMU-mini model (24 px, a world of coloured shapes; docs/MINI.md) with no "
+        "downloads. The caption never names a colour or shape: they come from the reference. Swap the "
+        "LoadImage picture (any shape crop, e.g. the other mumu_mini_*.png) and the output follows it.",
+    )
+    text = "a <image>shape on a background"
+    wf.prompt = text
+    wf.refs = [("mumu_mini_red_circle.png", "default")]
+    loader = wf.add("MUMUMiniLoader", (40, 60), ["embedded MUMU-mini", True])
+    image = wf.add("LoadImage", (40, 200), ["mumu_mini_red_circle.png", "image"], title="image1 (swap me)")
+    builder = wf.add("MUMUPromptBuilder", (340, 40), prompt_widgets(text, ["default"], [1.0]))
+    wf.link(image, "IMAGE", builder, "image1")
+    sampler = wf.add("MUMUMiniSampler", (800, 40), [0, "fixed", 20, 1.5, 4, 8])
+    wf.link(loader, "mini_model", sampler, "mini_model")
+    wf.link(builder, "mumu_prompt", sampler, "mumu_prompt")
+    save = wf.add("SaveImage", (1140, 40), ["MUMU/mini"])
+    wf.link(sampler, "images", save, "images")
+    wf.add(
+        "Note",
+        (800, 300),
+        [
+            f"{wf.title}\n\n{wf.description}\n\nNo model files to install: the weights ship inside the pack "
+            "(mumu_core/mini/weights/model/). Copy example_workflows/input/*.png into ComfyUI/input/. "
+            "This is the mini path: the MUMU-mini Sampler runs the 24 px pixel-space UNet itself, since "
+            "ComfyUI's KSampler only runs SDXL-family UNet layouts. For SDXL use the other MUMU workflows."
+        ],
+        title="About this workflow",
+    )
     return wf
 
 
@@ -303,7 +377,7 @@ def lora_merge() -> Workflow:
     return wf
 
 
-WORKFLOWS = (paper_example, style_transfer, character, lora_merge)
+WORKFLOWS = (mini, paper_example, style_transfer, character, lora_merge)
 
 
 # -- pictures ------------------------------------------------------------------------------------------
@@ -368,6 +442,9 @@ def draw_inputs() -> dict[str, Image.Image]:
     d.line([(128, 112), (122, 140), (132, 142)], fill=(150, 100, 80), width=3)
     d.arc([104, 140, 152, 172], 20, 160, fill=(140, 50, 50), width=4)
     out["mumu_face.png"] = face
+    for name, src in MINI_INPUTS.items():
+        with Image.open(MINI_DEMO_DIR / src) as im:
+            out[name] = im.convert("RGB")
     return out
 
 
@@ -385,7 +462,9 @@ def thumbnail(wf: Workflow, inputs: dict[str, Image.Image]) -> Image.Image:
     y0 = 120
     for i, (fname, tokens) in enumerate(wf.refs):
         x = 20 + i * (side + 20)
-        ref = inputs[fname].resize((side, side), Image.Resampling.BICUBIC)
+        small = max(inputs[fname].size) < 64  # mini-world crops: keep their pixels sharp
+        resample = Image.Resampling.NEAREST if small else Image.Resampling.BICUBIC
+        ref = inputs[fname].resize((side, side), resample)
         im.paste(ref, (x, y0))
         d.rectangle([x - 3, y0 - 3, x + side + 2, y0 + side + 2], outline=colors[i % 4], width=3)
         d.text((x, y0 + side + 6), f"<image{i + 1}>", font=_font(13), fill=colors[i % 4])
@@ -397,6 +476,10 @@ def thumbnail(wf: Workflow, inputs: dict[str, Image.Image]) -> Image.Image:
         d.text((20, y), line, font=_font(17), fill=(245, 245, 210))
         y += 24
     chain = "LoadImage -> Prompt Builder -> MUMU Encoder -> KSampler (SDXL + MUMU LoRA)"
+    if any(n.type == "MUMUSegmentReference" for n in wf.nodes):
+        chain = "LoadImage -> Segment Reference -> Prompt Builder -> MUMU Encoder -> KSampler"
+    if any(n.type == "MUMUMiniSampler" for n in wf.nodes):
+        chain = "embedded MUMU-mini Loader + LoadImage -> Prompt Builder -> MUMU-mini Sampler (CPU, seconds)"
     if any(n.type == "CheckpointSave" for n in wf.nodes):
         chain = "SDXL fine-tune -> MUMU LoRA Merge -> Save Checkpoint / KSampler"
     d.text((20, h - 30), chain, font=_font(13), fill=(150, 160, 180))

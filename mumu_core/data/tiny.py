@@ -1,4 +1,4 @@
-"""Tiny random GroundingDINO and depth models for tests, benchmarks and the mini world.
+"""Tiny random GroundingDINO, SAM and depth models for tests, benchmarks and the mini world.
 
 They are built from the same transformers classes as the real models (``GroundingDinoForObjectDetection``
 with a Swin backbone and a BERT text side; ``DepthAnythingForDepthEstimation`` with a DINOv2 backbone)
@@ -133,4 +133,51 @@ def build_tiny_depth(folder: str | Path, seed: int = 0) -> Path:
     DPTImageProcessor(
         size={"height": 28, "width": 28}, keep_aspect_ratio=True, ensure_multiple_of=14
     ).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_sam(folder: str | Path, seed: int = 0) -> Path:
+    """Save a ~40k-parameter random SAM (``SamModel``, 64 px input) + ``SamProcessor`` (mumu_core.segment)."""
+    import torch
+    from transformers import (
+        SamConfig,
+        SamImageProcessor,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = SamConfig(
+        vision_config=SamVisionConfig(
+            hidden_size=32,
+            output_channels=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=8,
+            mlp_dim=64,
+            global_attn_indexes=[1],
+            window_size=4,
+            num_pos_feats=8,
+        ),
+        prompt_encoder_config=SamPromptEncoderConfig(
+            hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4
+        ),
+        mask_decoder_config=SamMaskDecoderConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16
+        ),
+    )
+    torch.manual_seed(seed)
+    SamModel(cfg).save_pretrained(folder)
+    ip = SamImageProcessor(
+        size={"longest_edge": 64},
+        pad_size={"height": 64, "width": 64},
+        mask_size={"longest_edge": 16},
+        mask_pad_size={"height": 16, "width": 16},
+    )
+    SamProcessor(image_processor=ip).save_pretrained(folder)
     return folder

@@ -74,13 +74,17 @@ def main() -> None:
     }
     report["nodes"] = sorted(ours)
 
+    report["seconds"] = {}
+
     def check(name: str, fn) -> None:
+        t = time.time()
         try:
             report["checks"][name] = fn()
         except Exception as e:
             report["errors"].append(
                 {"check": name, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()}
             )
+        report["seconds"][name] = round(time.time() - t, 1)
 
     def run(node_id: str, **kwargs):
         cls = comfy_nodes.NODE_CLASS_MAPPINGS[node_id]
@@ -107,12 +111,27 @@ def main() -> None:
 
     check("schemas", schemas)
 
+    import execution
+
+    def queue_errors(vlm: str, bundle: str) -> dict:
+        """ComfyUI's own queue-time validation of a Loader node: {input name: error details}."""
+        prompt = {
+            "1": {
+                "class_type": "MUMULoader",
+                "inputs": {"vlm": vlm, "bundle": bundle, "dtype": "auto", "device": "offload after encoding"},
+            }
+        }
+        valid, errors, _ = asyncio.run(execution.validate_inputs("check", prompt, "1", {}))
+        return {e["extra_info"]["input_name"]: e["details"] for e in errors}
+
     def validation():
         cls = ours["MUMULoader"]
         return {
-            "good": cls.validate_inputs(vlm="idefics2-8b", bundle="mumu-sdxl.safetensors"),
-            "missing_vlm": cls.validate_inputs(vlm="nope-vlm", bundle="mumu-sdxl.safetensors"),
-            "missing_bundle": cls.validate_inputs(vlm="idefics2-8b", bundle="nope.safetensors"),
+            "good": cls.validate_inputs(vlm="idefics2-8b"),
+            "missing_vlm": cls.validate_inputs(vlm="nope-vlm"),
+            "queue_good": queue_errors("idefics2-8b", "mumu-sdxl.safetensors"),
+            "queue_missing_vlm": queue_errors("nope-vlm", "mumu-sdxl.safetensors"),
+            "queue_missing_bundle": queue_errors("idefics2-8b", "nope.safetensors"),
         }
 
     check("validation", validation)
@@ -242,6 +261,8 @@ def main() -> None:
 
     check("encoder", encoder)
 
+    sizes64 = dict(width=64, height=64, crop_w=0, crop_h=0, target_width=64, target_height=64)
+
     def batch_encode():
         spec = run(
             "MUMUPromptBuilder", text="a <image> man with <image>", image1=man.repeat(2, 1, 1, 1), image2=dog
@@ -250,17 +271,21 @@ def main() -> None:
             "MUMUEncoder",
             mumu_model=state["model"],
             mumu_prompt=spec,
-            width=64,
-            height=64,
-            crop_w=0,
-            crop_h=0,
-            target_width=64,
-            target_height=64,
+            latent={"samples": torch.zeros(2, 4, 8, 8)},
+            **sizes64,
         ).args
+        refused = {}
+        for name, latent in {"no_latent": None, "latent_1": {"samples": torch.zeros(1, 4, 8, 8)}}.items():
+            try:
+                run("MUMUEncoder", mumu_model=state["model"], mumu_prompt=spec, latent=latent, **sizes64)
+                refused[name] = None
+            except Exception as e:
+                refused[name] = f"{execution.full_type_name(type(e))}: {e}"
         return {
             "positive": list(pos[0][0].shape),
             "pooled": list(pos[0][1]["pooled_output"].shape),
             "negative": list(neg[0][0].shape),
+            "refused": refused,
         }
 
     check("batch_encode", batch_encode)
@@ -297,6 +322,7 @@ def main() -> None:
             0
         ]
         after = len([m for m in logs if "lora key not loaded" in m])
+        state["merged"] = merged
         bundle_mod = next(m for n, m in sys.modules.items() if n.endswith(".nodes.lora"))
         from mumu_core.bundle import kohya_unet_lora, load_bundle
 
@@ -318,6 +344,45 @@ def main() -> None:
         }
 
     check("lora_merge", lora_merge)
+
+    def live_unet():
+        """The host's UNet must react to what MUMU feeds it: a dead model (output 0) fails here."""
+
+        def encode_ref(image):
+            spec = run("MUMUPromptBuilder", text="a <image> dog on a beach", image1=image).args[0]
+            return run("MUMUEncoder", mumu_model=state["model"], mumu_prompt=spec, **sizes64).args
+
+        def sample_with(model, cond):
+            latent = {"samples": torch.zeros(1, 4, 8, 8)}
+            out = comfy_nodes.common_ksampler(model, 7, 2, 5.0, "ddim", "normal", cond[0], cond[1], latent)
+            return out[0]["samples"]
+
+        cond_dog, cond_style = encode_ref(dog), encode_ref(style)
+        base = sample_with(state["vega"], cond_dog)
+        again = sample_with(state["vega"], encode_ref(dog.clone()))  # identical inputs, new objects
+        other = sample_with(state["vega"], cond_style)
+        lora = sample_with(state["merged"], cond_dog)
+        # The same conditioning zeroed: how much of the output the conditioning accounts for at all.
+        zero = [
+            [torch.zeros_like(c), {**d, "pooled_output": torch.zeros_like(d["pooled_output"])}]
+            for c, d in cond_dog[0]
+        ]
+        uncond = sample_with(state["vega"], (zero, cond_dog[1]))
+
+        def diff(x):
+            return float((x - base).abs().max())
+
+        return {
+            "context_same_shape": list(cond_dog[0][0][0].shape) == list(cond_style[0][0][0].shape),
+            "context_diff": float((cond_dog[0][0][0] - cond_style[0][0][0]).abs().max()),
+            "latent_abs_mean": float(base.abs().mean()),
+            "same_inputs_diff": diff(again),
+            "other_reference_diff": diff(other),
+            "lora_diff": diff(lora),
+            "zero_conditioning_diff": diff(uncond),
+        }
+
+    check("live_unet", live_unet)
 
     def not_sdxl():
         import comfy.model_patcher
@@ -401,6 +466,79 @@ def main() -> None:
             mm.interrupt_current_processing(False)
 
     check("interrupt", interrupt)
+
+    def ui_error_names():
+        """The exception type names ComfyUI's UI shows (execution.full_type_name) for the pack's errors."""
+        out = {}
+        cases = {
+            "prompt": lambda: run("MUMUPromptBuilder", text=text, image1=man, image2=dog),
+            "model_file": lambda: run(
+                "MUMULoader", vlm="idefics2-8b", bundle="nope.safetensors", dtype="auto", device="cpu only"
+            ),
+            "conditioning": lambda: run(
+                "MUMUEncoder",
+                mumu_model=state["model"],
+                mumu_prompt=run("MUMUPromptBuilder", text="a <image>", image1=man.repeat(2, 1, 1, 1)).args[0],
+                **sizes64,
+            ),
+        }
+        for name, fn in cases.items():
+            try:
+                fn()
+                out[name] = None
+            except Exception as e:
+                out[name] = execution.full_type_name(type(e))
+                out[f"{name}_message"] = str(e)
+        return out
+
+    check("ui_error_names", ui_error_names)
+
+    def loadimage_mask():
+        """The stock LoadImage's MASK of a partly transparent PNG (1 = transparent) wired in directly."""
+        from PIL import Image, ImageDraw
+
+        folder_paths.set_input_directory(os.path.join(work, "input"))
+        os.makedirs(folder_paths.get_input_directory(), exist_ok=True)
+        im = Image.new("RGBA", (48, 40), (255, 255, 255, 0))
+        ImageDraw.Draw(im).ellipse((10, 8, 38, 44), fill=(200, 30, 30, 255))
+        im.save(os.path.join(folder_paths.get_input_directory(), "mumu_cutout.png"))
+        image, mask = comfy_nodes.LoadImage().load_image("mumu_cutout.png")
+        res = {"mask_mean": float(mask.mean()), "mask_shape": list(mask.shape)}
+        try:
+            run("MUMUPromptBuilder", text="a <image> ball", image1=image, mask1=mask)
+            res["direct"] = None
+        except Exception as e:
+            res["direct"] = f"{type(e).__name__}: {e}"
+        spec = run("MUMUPromptBuilder", text="a <image> ball", image1=image, mask1=1.0 - mask).args[
+            0
+        ]  # InvertMask
+        kept = spec.prompts(16)[0].images[0].mask
+        res["inverted_keeps_subject"] = kept.getpixel((24, 30)) == 255 and kept.getpixel((0, 0)) == 0
+        return res
+
+    check("loadimage_mask", loadimage_mask)
+
+    def segment():
+        face = torch.rand(1, 72, 64, 3, generator=torch.Generator().manual_seed(3))
+        seg = dict(detector="grounding-dino-base", sam="sam-vit-base", box_threshold=0.3, margin=0.05)
+        ref, mask = run("MUMUSegmentReference", image=face, phrase="person", **seg).args
+        spec = run("MUMUPromptBuilder", text="a photo of <image> on the moon", image1=ref, mask1=mask).args[0]
+        background = mask[0] == 0
+        cls = ours["MUMUSegmentReference"]
+        return {
+            "image": list(ref.shape),
+            "mask": list(mask.shape),
+            "mask_kept": float(mask.mean()),
+            "background_black": bool((ref[0][background] == 0).all()),
+            "batch": run("MUMUSegmentReference", image=face.repeat(2, 1, 1, 1), phrase="person", **seg)
+            .args[1]
+            .shape[0],
+            "prompt_slots": len(spec.slots),
+            "missing_detector": cls.validate_inputs(detector="nope-dino"),
+            "good_detector": cls.validate_inputs(detector="grounding-dino-base"),
+        }
+
+    check("segment", segment)
     report["logs_tail"] = logs[-20:]
     print(json.dumps(report))
 

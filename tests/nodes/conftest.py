@@ -4,7 +4,9 @@ Environment:
 - MUMU_COMFYUI_DIR: a ComfyUI checkout (the folder with main.py);
 - MUMU_COMFYUI_PYTHON: the python of its venv (torch, torchvision, transformers, diffusers, peft);
 - MUMU_TEST_SDXL_CKPT: optional, a random (or real) SDXL-family checkpoint; else the harness's
-  make_ckpt.py writes a random Segmind Vega one (1.7 GB) into ~/.cache/comfyui-mumu-tests/ once;
+  make_ckpt.py writes a random Segmind Vega one (1.7 GB) once into MUMU_TEST_CACHE (default
+  ~/.cache/comfyui-mumu-tests/, file vega_random_v2.safetensors). Either is refused or remade when its
+  GroupNorm scales are zero (a dead UNet, output 0 for every input);
 - MUMU_COMFY_HARNESS: the comfy-harness folder (default: ../shared/comfy-harness next to the repo).
 """
 
@@ -44,37 +46,56 @@ def comfy_env() -> ComfyEnv:
     return ComfyEnv(comfy, py, harness)
 
 
+# Versioned: a file cached by an older harness (zero GroupNorm scales, UNet output exactly 0) is never
+# reused under this name; any cached file is also checked and remade if its norm scales are dead.
+CHECKPOINT_CACHE = (
+    Path(os.environ.get("MUMU_TEST_CACHE", Path.home() / ".cache" / "comfyui-mumu-tests"))
+    / "vega_random_v2.safetensors"
+)
+
+
+def make_vega_checkpoint(env: ComfyEnv, path: Path) -> None:
+    script = env.harness / "testdata" / "make_ckpt.py"
+    if not script.is_file():
+        pytest.skip(f"no SDXL checkpoint: set MUMU_TEST_SDXL_CKPT or MUMU_COMFY_HARNESS ({script} missing)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    cmd = [
+        str(env.python),
+        str(script),
+        "--comfy",
+        str(env.comfy_dir),
+        "--variant",
+        "vega",
+        "--out",
+        str(tmp),
+    ]
+    subprocess.run(cmd, check=True)
+    os.replace(tmp, path)
+
+
 @pytest.fixture(scope="session")
 def sdxl_checkpoint(comfy_env: ComfyEnv) -> Path:
+    from nodes_models import dead_norm_scales
+
     env = os.environ.get("MUMU_TEST_SDXL_CKPT")
     if env:
         path = Path(env)
         if not path.is_file():
             pytest.fail(f"MUMU_TEST_SDXL_CKPT={path} does not exist")
-        return path
-    path = Path.home() / ".cache" / "comfyui-mumu-tests" / "vega_random.safetensors"
-    if not path.is_file():
-        script = comfy_env.harness / "testdata" / "make_ckpt.py"
-        if not script.is_file():
-            pytest.skip(
-                f"no SDXL checkpoint: set MUMU_TEST_SDXL_CKPT or MUMU_COMFY_HARNESS ({script} missing)"
+        dead = dead_norm_scales(path)
+        if dead:
+            pytest.fail(
+                f"MUMU_TEST_SDXL_CKPT={path} has zero or missing norm scales {dead}: its UNet outputs 0 "
+                "for every input. Remake it with the current comfy-harness testdata/make_ckpt.py"
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        subprocess.run(
-            [
-                str(comfy_env.python),
-                str(script),
-                "--comfy",
-                str(comfy_env.comfy_dir),
-                "--variant",
-                "vega",
-                "--out",
-                str(tmp),
-            ],
-            check=True,
-        )
-        tmp.rename(path)
+        return path
+    path = CHECKPOINT_CACHE
+    if not path.is_file() or dead_norm_scales(path):
+        make_vega_checkpoint(comfy_env, path)
+        dead = dead_norm_scales(path)
+        if dead:
+            pytest.fail(f"{path} was just made but its norm scales {dead} are zero: update the comfy-harness")
     return path
 
 

@@ -8,6 +8,8 @@
   pooled vector (TINY's connector widened via dataclasses.replace), with a random VLM LoRA and a random
   UNet LoRA made on a diffusers ``UNet2DConditionModel`` with Segmind Vega's layout, so every LoRA key
   exists in the random Vega checkpoint ComfyUI detects as SDXL-family;
+- ``grounding-dino/grounding-dino-base/``, ``sams/sam-vit-base/``: tiny random GroundingDINO and SAM for
+  the MUMU Segment Reference node;
 - ``checkpoints/<name>``: symlinks to that Vega checkpoint under the names the workflows use.
 
 The Vega UNet is built on the meta device: only its LoRA tensors are materialised (745M parameters
@@ -24,6 +26,7 @@ import torch
 
 from mumu_core.bundle import add_unet_lora, make_bundle, save_bundle
 from mumu_core.connector import MumuConnector
+from mumu_core.data.tiny import build_tiny_grounding_dino, build_tiny_sam
 from mumu_core.encoder import MumuEncoder
 from mumu_core.presets import SDXL_UNET_CONFIG, TINY, build_vlm_folder
 from mumu_core.testing import randomize_lora
@@ -44,8 +47,30 @@ COMFY_TEST_PRESET = replace(
     tokens_per_image=16,
 )
 VLM_NAME = "idefics2-8b"
+# Norm scales of the ldm UNet that are exactly 0 in a dead random checkpoint (the harness's make_ckpt.py once
+# zeroed every 1-D parameter, GroupNorm scales included, so the UNet output was 0 for any input).
+NORM_SCALE_KEYS = (
+    "model.diffusion_model.out.0.weight",
+    "model.diffusion_model.input_blocks.1.0.in_layers.0.weight",
+    "model.diffusion_model.output_blocks.0.0.out_layers.0.weight",
+)
 BUNDLE_NAME = "mumu-sdxl.safetensors"
+DETECTOR_NAME = "grounding-dino-base"  # the folder names the character-consistency workflow uses
+SAM_NAME = "sam-vit-base"
 CHECKPOINT_NAMES = ("sd_xl_base_1.0.safetensors", "animagine-xl-3.1.safetensors")
+
+
+def dead_norm_scales(checkpoint: str | Path) -> list[str]:
+    """The NORM_SCALE_KEYS of an SDXL ldm checkpoint that are missing or all zero (empty = a live model)."""
+    from safetensors import safe_open
+
+    bad = []
+    with safe_open(str(checkpoint), framework="pt") as f:
+        keys = set(f.keys())
+        for k in NORM_SCALE_KEYS:
+            if k not in keys or not bool(f.get_tensor(k).float().abs().sum() > 0):
+                bad.append(k)
+    return bad
 
 
 def vega_unet_with_lora(seed: int = 0, rank: int = 4, alpha: float = 4.0):
@@ -86,6 +111,12 @@ def build_comfy_models(root: str | Path, vega_checkpoint: str | Path | None = No
             if link.is_symlink() or link.exists():
                 link.unlink()
             os.symlink(Path(vega_checkpoint).resolve(), link)
+    detector = root / "grounding-dino" / DETECTOR_NAME
+    if not (detector / "config.json").is_file():
+        build_tiny_grounding_dino(detector, seed=seed)
+    sam = root / "sams" / SAM_NAME
+    if not (sam / "config.json").is_file():
+        build_tiny_sam(sam, seed=seed)
     (root / "loras").mkdir(parents=True, exist_ok=True)
     return root
 

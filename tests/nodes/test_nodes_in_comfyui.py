@@ -15,7 +15,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
-NODE_IDS = ["MUMUEncoder", "MUMULoader", "MUMULoraMerge", "MUMUPromptBuilder", "MUMUSaveLora"]
+NODE_IDS = [
+    "MUMUEncoder",
+    "MUMULoader",
+    "MUMULoraMerge",
+    "MUMUMiniLoader",
+    "MUMUMiniSampler",
+    "MUMUPromptBuilder",
+    "MUMUSaveLora",
+    "MUMUSegmentReference",
+]
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +80,16 @@ def test_schemas(report):
     assert s["_choices"] == {"vlm": ["idefics2-8b"], "bundle": ["mumu-sdxl.safetensors"]}
 
 
-def test_missing_files_name_the_expected_path(report, comfy_models):
+def test_missing_files_name_the_expected_path_against_their_own_input(report, comfy_models):
     v = report["checks"]["validation"]
-    assert v["good"] is True
+    assert v["good"] is True and v["queue_good"] == {}
     assert str(comfy_models / "LLM" / "nope-vlm") in v["missing_vlm"] and "config.json" in v["missing_vlm"]
-    assert str(comfy_models / "mumu" / "nope.safetensors") in v["missing_bundle"]
+    # ComfyUI's queue-time validation: each missing file is reported against its own input only.
+    assert list(v["queue_missing_vlm"]) == ["vlm"]
+    assert str(comfy_models / "LLM" / "nope-vlm") in v["queue_missing_vlm"]["vlm"]
+    # ComfyUI does no dropdown check of V3 combos, so a missing bundle passes the queue and the Loader
+    # fails first thing in execute(), naming the expected path (test_error_types_read_cleanly_in_the_ui).
+    assert v["queue_missing_bundle"] == {}
 
 
 def test_loader_wraps_the_model_in_a_model_patcher(report):
@@ -125,6 +139,14 @@ def test_batched_images_make_batched_conditioning(report):
     assert b["positive"][0] == 2 and b["pooled"] == [2, 1280] and b["negative"] == b["positive"]
 
 
+def test_a_prompt_batch_larger_than_the_latent_batch_is_refused(report):
+    r = report["checks"]["batch_encode"]["refused"]
+    assert r["no_latent"].startswith(
+        "ComfyUI-MUMU.ConditioningFormatError: this prompt makes 2 conditionings"
+    )
+    assert "latent batch is 1 but the prompt makes 2" in r["latent_1"]
+
+
 def test_stock_ksampler_samples_with_it(report):
     assert report["checks"]["vega"]["class"] == "SDXL"
     s = report["checks"]["sample"]
@@ -137,6 +159,17 @@ def test_lora_merge_loads_every_key(report):
     assert m["patched_keys"] == m["lora_modules"] > 0
 
 
+def test_the_host_unet_follows_references_and_lora_and_is_deterministic(report):
+    u = report["checks"]["live_unet"]
+    assert u["context_same_shape"] and u["context_diff"] > 0
+    assert u["latent_abs_mean"] > 0
+    assert u["same_inputs_diff"] == 0.0  # identical inputs, identical latents
+    # A dead UNet (zero GroupNorm scales) gives 0 for all three.
+    assert u["other_reference_diff"] > 1e-4, u
+    assert u["lora_diff"] > 1e-5, u
+    assert u["zero_conditioning_diff"] > 1e-4, u
+
+
 def test_lora_merge_refuses_a_non_sdxl_model(report):
     err = report["checks"]["not_sdxl"]["error"]
     assert err.startswith("NotSDXLError") and "context_dim=768" in err
@@ -147,6 +180,34 @@ def test_saved_lora_is_kohya_and_loads_in_the_stock_loader(report):
     assert s["in_loras"] and s["path"].endswith("test_lora_00001_.safetensors") and Path(s["path"]).is_file()
     assert s["all_kohya"] and s["keys"] == 3 * s["patched_keys"]
     assert s["rejected_keys"] == 0
+
+
+def test_error_types_read_cleanly_in_the_ui(report, comfy_models):
+    names = report["checks"]["ui_error_names"]
+    assert str(comfy_models / "mumu" / "nope.safetensors") in names.pop("model_file_message")
+    for k in ("prompt", "conditioning"):
+        names.pop(f"{k}_message")
+    assert names == {
+        "prompt": "mumu_core.prompt.PromptError",
+        "model_file": "ComfyUI-MUMU.ModelFileError",
+        "conditioning": "ComfyUI-MUMU.ConditioningFormatError",
+    }
+
+
+def test_loadimage_mask_of_a_transparent_png_is_refused_with_the_fix(report):
+    m = report["checks"]["loadimage_mask"]
+    assert 0 < m["mask_mean"] < 1 and m["mask_shape"] == [1, 40, 48]
+    assert m["direct"].startswith("PromptError") and "InvertMask" in m["direct"]
+    assert m["inverted_keeps_subject"]
+
+
+def test_segment_node_cuts_out_the_reference_for_the_prompt_builder(report, comfy_models):
+    s = report["checks"]["segment"]
+    assert s["image"][0] == 1 and s["image"][3] == 3 and s["mask"] == s["image"][:3]
+    assert 0 < s["mask_kept"] <= 1 and s["background_black"]
+    assert s["batch"] == 2 and s["prompt_slots"] == 1
+    assert s["good_detector"] is True
+    assert str(comfy_models / "grounding-dino" / "nope-dino") in s["missing_detector"]
 
 
 def test_interrupt_is_honoured(report):

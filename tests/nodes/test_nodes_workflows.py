@@ -20,7 +20,9 @@ from mumu_core.prompt import InterleavedPrompt
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "example_workflows"
 WORKFLOWS = REPO / "workflows"
+MINI = "mumu_mini_no_downloads"
 REQUIRED = {
+    MINI,
     "mumu_man_dog_animated",
     "mumu_style_transfer",
     "mumu_character_consistency",
@@ -84,7 +86,33 @@ def test_ui_format_structure(path: Path):
             dummy = [Image.new("RGB", (8, 8))] * len(connected)
             InterleavedPrompt.parse(n["widgets_values"][0], dummy, 324)
     types = {n["type"] for n in wf["nodes"]}
+    if path.stem == MINI:  # the no-download path: embedded model, its own sampler, no SDXL files
+        assert types == {
+            "MUMUMiniLoader",
+            "LoadImage",
+            "MUMUPromptBuilder",
+            "MUMUMiniSampler",
+            "SaveImage",
+            "Note",
+        }
+        return
     assert {"MUMULoader", "MUMUPromptBuilder", "MUMUEncoder", "KSampler", "SaveImage"} <= types
+    # The encoder sees the latent, so a prompt batch the latent cannot hold is refused, not cut.
+    enc = next(n for n in wf["nodes"] if n["type"] == "MUMUEncoder")
+    assert next(i for i in enc["inputs"] if i["name"] == "latent")["link"] is not None
+
+
+def test_character_consistency_segments_its_reference():
+    wf = json.loads((EXAMPLES / "mumu_character_consistency.json").read_text())
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    seg = next(n for n in wf["nodes"] if n["type"] == "MUMUSegmentReference")
+    assert seg["widgets_values"][:3] == ["person", "grounding-dino-base", "sam-vit-base"]
+    targets = {
+        (nodes[dst]["type"], nodes[dst]["inputs"][slot]["name"])
+        for _, src, _, dst, slot, _ in wf["links"]
+        if src == seg["id"]
+    }
+    assert targets == {("MUMUPromptBuilder", "image1"), ("MUMUPromptBuilder", "mask1")}
 
 
 # -- in a real ComfyUI --------------------------------------------------------------------------------
@@ -92,13 +120,27 @@ def test_ui_format_structure(path: Path):
 FAST = {"EmptyLatentImage": {0: 64, 1: 64}, "KSampler": {2: 2}, "MUMUEncoder": {i: 64 for i in (0, 1, 4, 5)}}
 
 
-def fast_copy(src: Path, dst: Path) -> None:
-    """The workflow at 64x64 px and 2 steps (CPU), otherwise unchanged."""
+def fast_copy(src: Path, dst: Path, image: str | None = None) -> None:
+    """The workflow at 64x64 px and 2 steps (CPU), otherwise unchanged (the mini one runs as shipped);
+    ``image``: another picture for its LoadImage, as a user swapping the reference would."""
     wf = json.loads(src.read_text())
     for n in wf["nodes"]:
         for i, v in FAST.get(n["type"], {}).items():
             n["widgets_values"][i] = v
+        if image is not None and n["type"] == "LoadImage":
+            n["widgets_values"][0] = image
     dst.write_text(json.dumps(wf))
+
+
+def mini_colour_verdict(files: list[str]) -> list[str | None]:
+    """The mini analyser's colour of the largest object in each generated image (None: nothing found)."""
+    from mumu_core.mini.analyser import Analyser
+
+    images = []
+    for f in files:
+        with Image.open(f) as im:
+            images.append(im.convert("RGB"))
+    return [a.detections[0].colour if a.detections else None for a in Analyser.load().analyse(images)]
 
 
 def exported_lora_workflow(lora_name: str) -> dict:
@@ -182,6 +224,10 @@ def test_every_workflow_runs_to_an_image_in_comfyui(comfy_env, comfy_models, tmp
         dst = tmp_path / p.name
         fast_copy(p, dst)
         runs.append(dst)
+    # The no-download template with its reference swapped: its output must follow the new picture.
+    swapped = tmp_path / f"{MINI}_blue.json"
+    fast_copy(EXAMPLES / f"{MINI}.json", swapped, image="mumu_mini_blue_square.png")
+    runs.append(swapped)
     lora_name = "mumu/mumu_unet_lora_00001_.safetensors"  # MUMUSaveLora's first file in a fresh folder
     extra = tmp_path / "exported_lora_api.json"
     extra.write_text(json.dumps(exported_lora_workflow(lora_name)))
@@ -217,11 +263,18 @@ def test_every_workflow_runs_to_an_image_in_comfyui(comfy_env, comfy_models, tmp
     templates = summary["get"]["/workflow_templates"]
     assert REQUIRED <= set(templates["ComfyUI-MUMU"])
     assert len(summary["runs"]) == len(runs) + 1
+    by_name = {Path(r["workflow"]).stem: r for r in summary["runs"]}
     for run in summary["runs"]:
         assert run.get("images"), f"{run['workflow']} made no image: {run}"
+        size = (192, 192) if Path(run["workflow"]).stem.startswith(MINI) else (64, 64)
         for f in run["images"]:
             with Image.open(f) as im:
-                assert im.size == (64, 64)
+                assert im.size == size
+    # The embedded MUMU-mini model, no downloads: 4 pictures that follow their reference's colour.
+    for name, colour in ((MINI, "red"), (f"{MINI}_blue", "blue")):
+        verdict = mini_colour_verdict(by_name[name]["images"])
+        assert len(verdict) == 4 and verdict.count(colour) >= 3, (name, verdict)
+        assert by_name[name]["exec_s"] < 120, by_name[name]
     assert "lora key not loaded" not in log
     assert (base / "models" / "loras" / lora_name).is_file()
     saved = list((out / "comfy_output" / "checkpoints").glob("animagine_mumu*.safetensors"))

@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from ..cli_help import plain
 from .config import BootstrapConfig
 
 
@@ -48,7 +49,7 @@ def _guess_format(paths: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mumu_core.data", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m mumu_core.data", description=plain(__doc__))
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     d = BootstrapConfig()

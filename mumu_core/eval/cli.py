@@ -27,13 +27,15 @@ from mumu_core.eval.manifest import (
 from mumu_core.eval.metrics import METRICS, EvalInputError
 from mumu_core.eval.models import ModelFolderError
 
+from ..cli_help import first_line
+
 
 class UsageError(ValueError):
     """The command line asks for something it does not give the means for."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mumu_core.eval", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mumu_core.eval", description=first_line(__doc__))
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="score the cases of a manifest and write CSV/JSON/HTML/PNG")

@@ -1,4 +1,4 @@
-"""``python -m mumu_core.mini {bootstrap,preview,demo,ship,demo-assets}``: the mini world and model.
+"""``python -m mumu_core.mini COMMAND``: the mini world and model (``--help`` lists every command).
 
     python -m mumu_core.mini bootstrap --out data/mini --count 50000
     python -m mumu_core.mini preview --out mini_preview.png
@@ -6,9 +6,8 @@
     python -m mumu_core.mini ship --export runs/mini/train/export/step_N [--recipe runs/mini/recipe.json]
     python -m mumu_core.mini demo-assets                      # rewrites mumu_core/mini/demo/
 
-The analyser, the evaluation and the conditioning probe have their own CLIs:
-``python -m mumu_core.mini.analyser``, ``python -m mumu_core.mini.probe`` and
-``python -m mumu_core.mini.evaluate``.
+The analyser, the evaluation, the conditioning probe and the base models have their own modules, run as
+sub-commands (``python -m mumu_core.mini evaluate ...`` = ``python -m mumu_core.mini.evaluate ...``).
 """
 
 from __future__ import annotations
@@ -22,20 +21,31 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..cli_help import first_line
 from .world import DEFAULT_WORLD, SPLITS, bootstrap_config, bootstrap_source, render_batch, scene_at
+
+# Sub-commands whose module has its own CLI: ``python -m mumu_core.mini NAME ARGS`` runs that module's
+# main(ARGS). Listed here once, so ``--help`` shows every one (add new ones to this table).
+DELEGATED: dict[str, tuple[str, str]] = {
+    "analyser": ("analyser", "the object/style analyser of generated images: train, check"),
+    "evaluate": ("evaluate", "the mini evaluation suites (single, pair, tokens, style) of a model"),
+    "probe": ("probe", "conditioning probe: is an attribute in the conditioning or lost in the UNet"),
+    "base-t2i": (
+        "base_t2i",
+        "the mini text-to-image base and fine-tune: train, finetune, check (see its --help)",
+    ),
+    "base-vlm": ("base_vlm", "the mini VLM base (Idefics2, perceiver in place): train, check, ship"),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["base-t2i"]:
-        from .base_t2i import main as base_t2i_main
+    if argv[:1] and argv[0] in DELEGATED:
+        from importlib import import_module
 
-        return base_t2i_main(argv[1:])
-    if argv[:1] == ["base-vlm"]:
-        from .base_vlm import main as base_vlm_main
-
-        return base_vlm_main(argv[1:])
-    ap = argparse.ArgumentParser(prog="python -m mumu_core.mini", description=__doc__.split("\n")[0])
+        module = import_module(f".{DELEGATED[argv[0]][0]}", __package__)
+        return module.main(argv[1:])
+    ap = argparse.ArgumentParser(prog="python -m mumu_core.mini", description=first_line(__doc__))
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bootstrap", help="render scenes and bootstrap them into shards (known boxes)")
     b.add_argument("--out", type=Path, required=True)
@@ -63,10 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--fp32", action="store_true", help="keep float32 (default: float16 files)")
     s.add_argument("--weights", type=Path, default=None, help="destination (default: the package's)")
     sub.add_parser("demo-assets", help="rewrite the bundled demo prompts and references")
-    sub.add_parser(
-        "base-t2i", help="the mini text-to-image base and fine-tune: train, finetune, check (see its --help)"
-    )
-    sub.add_parser("base-vlm", help="the mini VLM base (Idefics2, perceiver in place): train, check, ship")
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     args = ap.parse_args(argv)
 
     if args.cmd in ("demo", "ship", "demo-assets"):

@@ -32,6 +32,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 from tqdm import tqdm
 
+from ..cli_help import first_line
 from .world import (
     COLOUR_HUES,
     COLOURS,
@@ -571,7 +572,7 @@ def match_detections(detections: Sequence[Detection], boxes: Sequence[Box], min_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mumu_core.mini.analyser", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m mumu_core.mini.analyser", description=first_line(__doc__))
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train on ground-truth renders and write weights + json")
     t.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..cli_help import plain
 from ..presets import FAKE_IMAGE_TOKEN, IMAGE_TOKEN, MINI, build_vlm_folder, make_byte_tokenizer
 from ..prompt import prepare_image
 from .world import COLOURS, SHAPES, STYLES, Scene, object_crop, render, scene_at, style_reference
@@ -785,7 +786,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m mumu_core.mini base-vlm {train,check,ship}``: the mini VLM base."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m mumu_core.mini base-vlm", description=main.__doc__)
+    ap = argparse.ArgumentParser(
+        prog="python -m mumu_core.mini base-vlm", description=plain(main.__doc__ or "")
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="pretrain (or resume) the mini Idefics2 to caption mini images")
     t.add_argument(

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cli_help import first_line
 from ..prompt import ImageRef, InterleavedPrompt, prepare_image
 from .world import COLOURS, SHAPES, object_crop, scene_at
 
@@ -102,7 +103,7 @@ def run_probe(model: str | Path, count: int = 700, n_train: int = 500, tokens: i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mumu_core.mini.probe", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m mumu_core.mini.probe", description=first_line(__doc__))
     ap.add_argument("--model", type=Path, required=True, help="a model folder: vlm/, sdxl/, mumu.safetensors")
     ap.add_argument("--count", type=int, default=700)
     ap.add_argument("--n-train", type=int, default=500)

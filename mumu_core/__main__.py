@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cli_help import first_line
+
 EXIT_BAD_INPUT = 2
 DTYPES = {
     "float32": "float32",
@@ -30,11 +32,22 @@ DTYPES = {
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .bundle import BundleError
     from .encoder import EncoderLoadError
+    from .mini.demo import MiniModelError
     from .pipeline import GenerationError
     from .prompt import PromptError
     from .sdxl import SDXLLoadError
+    from .segment import SegmentError
 
-    return (BundleError, EncoderLoadError, GenerationError, PromptError, SDXLLoadError, OutputError)
+    return (
+        BundleError,
+        EncoderLoadError,
+        GenerationError,
+        PromptError,
+        SDXLLoadError,
+        OutputError,
+        SegmentError,
+        MiniModelError,
+    )
 
 
 class OutputError(ValueError):
@@ -72,17 +85,103 @@ def check_output_file(out: Path, inputs: Sequence[Path], suffix: str = ".safeten
     _probe_writable(out.parent, "the folder of --out")
 
 
+class _ImageAction(argparse.Action):
+    """--image: appends the path, and an empty --segment slot for it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        namespace.image = [*(namespace.image or []), values]
+        namespace.segments = [*(getattr(namespace, "segments", None) or []), None]
+
+
+class _SegmentAction(argparse.Action):
+    """--segment PHRASE: applies to the --image just before it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        segments = list(getattr(namespace, "segments", None) or [])
+        if not segments:
+            parser.error("--segment PHRASE applies to the --image before it: give --image first")
+        if segments[-1] is not None:
+            parser.error(f"--image {namespace.image[-1]} already has --segment {segments[-1]!r}")
+        segments[-1] = values
+        namespace.segments = segments
+
+
+def _resolve_models(args: argparse.Namespace) -> None:
+    """--mini fills --vlm/--bundle/--sdxl with the embedded model; otherwise all three are required."""
+    if args.mini:
+        given = [f"--{k}" for k in ("vlm", "bundle", "sdxl") if getattr(args, k) is not None]
+        if given:
+            raise OutputError(f"--mini uses the embedded model: drop {' '.join(given)}")
+        from .mini.demo import model_paths, verify_model
+
+        verify_model()
+        paths = model_paths()
+        args.vlm, args.bundle, args.sdxl = paths.vlm, paths.bundle, paths.sdxl
+        if args.out is None:
+            args.out = Path("outputs") / "mini"
+        return
+    missing = [f"--{k}" for k in ("vlm", "bundle", "sdxl", "out") if getattr(args, k) is None]
+    if missing:
+        raise OutputError(
+            f"missing {' '.join(missing)}: give the model files (or --mini for the embedded MUMU-mini model)"
+        )
+
+
+def _references(args: argparse.Namespace, load_image) -> tuple[list, list]:
+    """The --image pictures and their masks: segmented by --segment PHRASE where given, else unmasked."""
+    images = [load_image(p) for p in args.image]
+    segments = getattr(args, "segments", None) or [None] * len(images)
+    masks: list = [None] * len(images)
+    if not any(segments):
+        return images, masks
+    from .segment import ReferenceSegmenter, SegmentError, check_detector_folder, check_sam_folder
+
+    if args.detector is None or args.sam is None:
+        raise SegmentError("--segment needs --detector (GroundingDINO folder) and --sam (SAM folder)")
+    check_detector_folder(args.detector)
+    check_sam_folder(args.sam)
+    segmenter = ReferenceSegmenter.from_pretrained(args.detector, args.sam)
+    for i, phrase in enumerate(segments):
+        if phrase is not None:
+            try:
+                s = segmenter.segment(images[i], phrase)
+            except SegmentError as e:
+                raise SegmentError(f"--image {args.image[i]} --segment {phrase!r}: {e}") from None
+            print(
+                f"segmented {phrase!r} in {args.image[i]}: box {list(s.box)}, score {s.score:.2f}",
+                file=sys.stderr,
+            )
+            images[i], masks[i] = s.image, s.mask
+    return images, masks
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mumu_core", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mumu_core", description=first_line(__doc__))
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate images from an interleaved text+image prompt")
-    g.add_argument("--vlm", required=True, type=Path, help="Idefics2 folder (e.g. idefics2-8b)")
-    g.add_argument("--bundle", required=True, type=Path, help="MUMU bundle .safetensors")
-    g.add_argument("--sdxl", required=True, type=Path, help="SDXL single .safetensors or diffusers folder")
+    g.add_argument(
+        "--mini",
+        action="store_true",
+        help="use the embedded MUMU-mini model (no downloads, CPU, 24 px; instead of --vlm/--bundle/--sdxl)",
+    )
+    g.add_argument("--vlm", type=Path, help="Idefics2 folder (e.g. idefics2-8b)")
+    g.add_argument("--bundle", type=Path, help="MUMU bundle .safetensors")
+    g.add_argument("--sdxl", type=Path, help="SDXL single .safetensors or diffusers folder")
     g.add_argument("--prompt", required=True, help='e.g. "a <image> man and his <image> dog"')
-    g.add_argument("--image", action="append", default=[], type=Path, help="reference image, in prompt order")
-    g.add_argument("--out", required=True, type=Path, help="output folder for the PNGs")
+    g.add_argument(
+        "--image", action=_ImageAction, default=[], type=Path, help="reference image, in prompt order"
+    )
+    g.add_argument(
+        "--segment",
+        action=_SegmentAction,
+        metavar="PHRASE",
+        help="cut the subject PHRASE out of the --image given just before (GroundingDINO + SAM; needs "
+        "--detector and --sam), as the paper segments its references",
+    )
+    g.add_argument("--detector", type=Path, help="GroundingDINO folder for --segment")
+    g.add_argument("--sam", type=Path, help="SAM folder (transformers format) for --segment")
+    g.add_argument("--out", type=Path, help="output folder for the PNGs (default with --mini: outputs/mini)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the preset's, 50 for real)")
     g.add_argument(
@@ -112,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("make-tiny", help="write a tiny random model set (for demos and tests)")
     t.add_argument("outdir", type=Path)
     t.add_argument("--preset", choices=["tiny", "mini"], default="tiny")
+    t.add_argument(
+        "--segmenter", action="store_true", help="also write a tiny GroundingDINO and SAM (for --segment)"
+    )
     return parser
 
 
@@ -143,10 +245,16 @@ def _generate(args: argparse.Namespace) -> int:
     from .sdxl import SDXLLoadError
 
     # Everything cheap is checked before any model loads.
+    _resolve_models(args)
     bundle = load_bundle(args.bundle)
-    images = [load_image(p) for p in args.image]
     tokens = args.tokens_per_image or bundle.meta.tokens_per_image
-    prompt = InterleavedPrompt.parse(args.prompt, images, tokens_per_image=tokens)
+    # Placeholders against the image count first: a prompt that cannot fit fails before segmentation.
+    InterleavedPrompt.parse(args.prompt, [load_image(p) for p in args.image], tokens_per_image=tokens)
+    images, masks = _references(args, load_image)
+    prompt = InterleavedPrompt.parse(args.prompt, images, tokens_per_image=tokens, masks=masks)
+    from .encoder import check_prompt_text
+
+    check_prompt_text(prompt)  # Idefics2's control tokens typed as text (the tokenizer checks again)
     if args.preset is not None and args.preset != bundle.meta.preset:
         raise BundleMismatchError(
             f"--preset {args.preset!r} but the bundle was made for preset {bundle.meta.preset!r}: "
@@ -233,6 +341,12 @@ def _fuse(args: argparse.Namespace) -> int:
 def _make_tiny(args: argparse.Namespace) -> int:
     from .testing import build_tiny_models
 
+    if args.segmenter:
+        from .data.tiny import build_tiny_grounding_dino, build_tiny_sam
+
+        det = build_tiny_grounding_dino(args.outdir / "grounding-dino")
+        sam = build_tiny_sam(args.outdir / "sam")
+        print(f"detector: {det}\nsam:    {sam}  (random: use them to exercise --segment, not to judge it)")
     m = build_tiny_models(args.outdir, args.preset)
     sdxl = m.sdxl_single_file or m.sdxl
     print(f"vlm:    {m.vlm}\nsdxl:   {m.sdxl}\nsingle: {m.sdxl_single_file}\nbundle: {m.bundle}")
@@ -240,6 +354,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
         f"try: python -m mumu_core generate --vlm {m.vlm} --bundle {m.bundle} --sdxl {sdxl} "
         f'--prompt "a <image> man and his <image> dog" --image {m.images[0]} --image {m.images[1]} '
         f"--out {m.root / 'out'} --steps 4"
+        + (f" --segment dog --detector {det} --sam {sam}" if args.segmenter else "")
     )
     if m.pickscore is not None and m.llm is not None:
         print(f"pickscore: {m.pickscore}\nllm:    {m.llm}")

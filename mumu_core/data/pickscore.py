@@ -167,6 +167,8 @@ def histogram_png(
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     vals = np.asarray([s for s in scores if np.isfinite(s)], dtype=np.float64)
+    if threshold is not None and not np.isfinite(threshold):
+        threshold = None  # -inf keeps everything: no line to draw
     kept = int((vals >= threshold).sum()) if threshold is not None else len(vals)
     frac = f"{kept}/{len(vals)} kept ({100.0 * kept / max(1, len(vals)):.1f} %)"
     thr = f" at >= {threshold:g}" if threshold is not None else " (no threshold)"

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .shards import write_bytes_atomic, write_json_atomic
+from .shards import ensure_writable_folder, write_bytes_atomic, write_json_atomic
 
 PROMPT_COLUMNS = ("prompt", "text", "caption", "TEXT")
 TABLE_COLUMNS = ("id", "content_id", "style_id", "content", "style", "caption")
@@ -202,13 +202,10 @@ def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
         raise PromptSetError(f"--out {out} must end in .jsonl or .parquet")
     if out.exists() and not overwrite:
         raise PromptSetError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
-    parent = out.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PromptSetError(f"cannot create the output folder {parent}: {e}") from e
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PromptSetError(f"the output folder {parent} is not writable: choose another --out")
+        ensure_writable_folder(out.parent)
+    except PermissionError as e:
+        raise PromptSetError(f"{e}: choose another --out") from e
     return out
 
 

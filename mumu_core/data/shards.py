@@ -134,3 +134,21 @@ def shard_paths(out_dir: str | os.PathLike) -> list[Path]:
 def iter_samples(out_dir: str | os.PathLike) -> Iterator[dict[str, bytes | str]]:
     for p in shard_paths(out_dir):
         yield from read_shard(p)
+
+
+def ensure_writable_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and prove it takes a file (``os.access`` says yes to root even on a
+    read-only mount); raise ``PermissionError`` with a one-line reason otherwise."""
+    import tempfile
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PermissionError(f"{folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"the output folder {folder} is not writable ({e.strerror or e})") from e
+    return folder

@@ -39,7 +39,7 @@ from PIL import Image
 from .pickscore import PickScorer, check_clip_folder, check_processor_folder, histogram_png, resolve_device
 from .pipeline import is_finished, part_paths
 from .prompts import read_table
-from .shards import Sample, ShardWriter, write_json_atomic
+from .shards import Sample, ShardWriter, ensure_writable_folder, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -504,18 +504,10 @@ class _RaySynthWorker:
 
 
 def check_output_folder(out: str | os.PathLike) -> Path:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SynthError(f"--out {out} is a file: give a folder for the shards")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SynthError(f"cannot create the output folder {out}: {e}") from e
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise SynthError(
-            f"the output folder {out} is not writable: choose another --out or fix its permissions"
-        )
-    return out
+        return ensure_writable_folder(out)
+    except PermissionError as e:
+        raise SynthError(f"{e}: choose another --out or fix its permissions") from e
 
 
 def synth(

@@ -535,8 +535,12 @@ def fuse_unet_lora_into_checkpoint(
         raise BundleError("the bundle has no UNet LoRA: there is nothing to fuse")
     preset = get_preset(bundle.meta.preset)
     sdxl_path, out_path = Path(sdxl_path), Path(out_path)
+    if sdxl_path.is_dir() and out_path.suffix == "":
+        return _fuse_into_folder(bundle, sdxl_path, out_path, scale)
     if out_path.suffix != ".safetensors":
-        raise BundleError(f"output {out_path} must end in .safetensors")
+        raise BundleError(
+            f"output {out_path} must end in .safetensors (or, for a diffusers folder input, be a folder name)"
+        )
     if out_path.resolve() == sdxl_path.resolve():
         raise BundleError("refusing to overwrite the input checkpoint: give another output path")
     if not sdxl_path.exists():
@@ -571,6 +575,43 @@ def fuse_unet_lora_into_checkpoint(
         }
     )
     return _atomic_save(save_file, tensors, out_path, metadata)
+
+
+def _fuse_into_folder(bundle: MumuBundle, sdxl_dir: Path, out_dir: Path, scale: float) -> Path:
+    """Diffusers folder in, diffusers folder out: a copy whose ``unet/`` has the LoRA merged in.
+
+    Everything else in the folder (VAE, scheduler, text encoders, tokenizers) is copied unchanged; the
+    merge is the same peft merge as for single files. Written beside ``out_dir`` and renamed into place.
+    """
+    import shutil
+
+    from .sdxl import load_sdxl
+
+    if out_dir.resolve() == sdxl_dir.resolve() or sdxl_dir.resolve() in out_dir.resolve().parents:
+        raise BundleError(
+            f"refusing to write {out_dir} inside the input folder {sdxl_dir}: give another path"
+        )
+    if out_dir.exists():
+        raise BundleError(f"output folder {out_dir} exists: give a new folder name (nothing is overwritten)")
+    comps = load_sdxl(sdxl_dir, get_preset(bundle.meta.preset), dtype=torch.float32)
+    _fuse(comps.unet, bundle, scale)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        shutil.copytree(sdxl_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("unet"))
+        comps.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        (tmp / "mumu_fused.json").write_text(
+            json.dumps(
+                {**(bundle.meta.unet_lora or {}), "scale": scale, "base": str(sdxl_dir)}, sort_keys=True
+            )
+        )
+        for p in [tmp, *tmp.rglob("*")]:
+            apply_umask(p, directory=p.is_dir())
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
 
 
 def _fuse(unet, bundle: MumuBundle, scale: float) -> None:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..cli_help import plain
 from ..conditioning import add_time_ids
 from ..presets import MINI
 from .world import COLOURS, SHAPES, STYLES, TEMPLATES, Scene, render_batch, scene_at
@@ -594,6 +595,52 @@ def sample_sheet(
     return path
 
 
+# -- shipping ------------------------------------------------------------------------------------------
+
+BASE_WEIGHTS_DIR = Path(__file__).parent / "weights" / "base"
+
+
+def ship_base(
+    model_dir: str | Path, name: str, info: dict, weights_dir: str | Path = BASE_WEIGHTS_DIR
+) -> dict:
+    """Copy a trained base folder into ``weights_dir/name`` as float16 with ``name.json`` beside it.
+
+    The json records the sha256 of every file (checked by the tests), the exact command, the hardware,
+    the training summary (steps, wall time) and ``info`` (e.g. the check's accuracies).
+    """
+    import shutil
+    import tempfile
+
+    from .demo import _hardware, _to_fp16_safetensors, file_hashes
+
+    model_dir, weights_dir = Path(model_dir), Path(weights_dir)
+    load_t2i(model_dir)  # refuse anything that is not a complete base folder
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=weights_dir, prefix=f".{name}.shipping."))
+    try:
+        shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+        for f in sorted(tmp.rglob("*.safetensors")):
+            _to_fp16_safetensors(f)
+        dest = weights_dir / name
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    train = model_dir.parent / "train.json"
+    record = {
+        "format": "MUMU-mini text-to-image base folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/)",
+        "dtype": "float16",
+        "hardware": _hardware(),
+        **info,
+        "train": json.loads(train.read_text()) if train.is_file() else None,
+        "files": file_hashes(dest),
+    }
+    (weights_dir / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
 # -- command line ----------------------------------------------------------------------------------------
 
 
@@ -602,7 +649,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import sys
 
-    ap = argparse.ArgumentParser(prog="python -m mumu_core.mini base-t2i", description=main.__doc__)
+    ap = argparse.ArgumentParser(
+        prog="python -m mumu_core.mini base-t2i", description=plain(main.__doc__ or "")
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, text in (
         ("train", "train the text-to-image base from random init (captions name colour, shape, style)"),
@@ -617,6 +666,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         t.add_argument("--seed", type=int, default=0 if name == "train" else 1)
         if name == "finetune":
             t.add_argument("--base", type=Path, required=True, help="the base model folder to start from")
+    sh = sub.add_parser(
+        "ship", help="copy a trained base into mumu_core/mini/weights/base/NAME (float16 + hashes)"
+    )
+    sh.add_argument("--model", type=Path, required=True, help="RUN/model")
+    sh.add_argument("--name", required=True, choices=["t2i", "finetune"])
+    sh.add_argument("--command", required=True, help="the exact command that trained it (recorded)")
+    sh.add_argument("--check", type=Path, default=None, help="a check.json to record with it")
     c = sub.add_parser("check", help="how often generated images show the attributes their captions name")
     c.add_argument("--model", type=Path, required=True, help="a base model folder (RUN/model)")
     c.add_argument("--n", type=int, default=96)
@@ -639,6 +695,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.cmd == "finetune":
                 cfg.init, cfg.style, cfg.train_text_encoder = args.base, "framed", False
             print(f"model: {train_t2i(cfg)}")
+            return 0
+        if args.cmd == "ship":
+            info = {"command": args.command}
+            if args.check is not None:
+                info["check"] = json.loads(args.check.read_text())
+            rec = ship_base(args.model, args.name, info)
+            print(f"shipped {len(rec['files'])} files to {BASE_WEIGHTS_DIR / args.name}")
             return 0
         res = check_t2i(args.model, n=args.n, guidance=args.guidance, steps=args.steps)
         samples = res.pop("samples")

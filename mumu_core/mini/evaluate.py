@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from ..cli_help import first_line
 from .analyser import Analyser, Analysis
 from .base_t2i import FRAMED_MAX_BRIGHTNESS, frame_score
 from .world import (
@@ -341,8 +342,12 @@ def pipeline_generator(
     steps: int | str | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    lora_scale: float | str = 1.0,
 ) -> GenerateFn:
     """A trained MUMU-mini model through the standalone pipeline (local paths only, nothing downloaded).
+
+    ``lora_scale`` is the strength of the bundle's UNet LoRA; 0 for a UNet the LoRA was already merged
+    into (``python -m mumu_core fuse``, Finding 4).
 
     Prompt ``k`` of a call gets seed ``seed + k`` (the pipeline's convention); the harness passes each
     batch's start index as its seed offset, so every case has its own, batching-independent noise.
@@ -353,7 +358,9 @@ def pipeline_generator(
 
     if not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ValueError(f"dtype {dtype!r}: use a torch dtype name such as float32 or bfloat16")
-    pipe = MumuPipeline.from_paths(vlm, bundle, sdxl, device=device, dtype=getattr(torch, dtype))
+    pipe = MumuPipeline.from_paths(
+        vlm, bundle, sdxl, device=device, dtype=getattr(torch, dtype), lora_scale=float(lora_scale)
+    )
     n_steps = int(steps) if steps is not None else None
 
     def generate(prompts: Sequence[MiniPrompt], guidance: float, seed: int) -> list[Image.Image]:
@@ -800,7 +807,7 @@ def summary_markdown(results: Sequence[str | Path]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mumu_core.mini.evaluate", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m mumu_core.mini.evaluate", description=first_line(__doc__))
     ap.add_argument("--generator", help="pipeline | oracle | random | package.module:factory")
     ap.add_argument(
         "--summarise",

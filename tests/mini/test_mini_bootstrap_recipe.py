@@ -129,3 +129,23 @@ def test_mumu_stage_follows_table_1(tmp_path: Path, one_thread) -> None:
     bundle = load_bundle(export / "mumu.safetensors")
     assert bundle.meta.vlm_lora["rank"] == 8 and bundle.meta.unet_lora["rank"] == 8
     assert bundle.vlm_lora_state and bundle.unet_lora_state
+
+    # Finding 4's merge: `python -m mumu_core fuse` on a diffusers folder writes a folder whose UNet has
+    # the LoRA merged (exactly the runtime LoRA's outputs); the input folder is never touched.
+    from mumu_core.bundle import BundleError, apply_unet_lora, fuse_unet_lora_into_checkpoint
+    from mumu_core.sdxl import load_sdxl
+
+    merged = fuse_unet_lora_into_checkpoint(bundle, base, tmp_path / "merged")
+    assert (merged / "text_encoder").is_dir() and (merged / "tokenizer").is_dir()
+    with pytest.raises(BundleError, match="exists"):
+        fuse_unet_lora_into_checkpoint(bundle, base, tmp_path / "merged")
+    runtime = load_sdxl(base, MINI).unet
+    apply_unet_lora(runtime, bundle)
+    fused = load_sdxl(merged, MINI).unet
+    x, t = torch.randn(2, 3, 24, 24), torch.tensor([10, 500])
+    ctx = torch.randn(2, 5, MINI.unet["cross_attention_dim"])
+    add = {"text_embeds": torch.randn(2, MINI.connector.pooled_dim), "time_ids": torch.zeros(2, 6)}
+    with torch.no_grad():
+        a = runtime(x, t, encoder_hidden_states=ctx, added_cond_kwargs=add).sample
+        b = fused(x, t, encoder_hidden_states=ctx, added_cond_kwargs=add).sample
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -341,13 +341,17 @@ def _fuse(args: argparse.Namespace) -> int:
 def _make_tiny(args: argparse.Namespace) -> int:
     from .testing import build_tiny_models
 
+    _probe_writable(args.outdir, "make-tiny's folder")
     if args.segmenter:
         from .data.tiny import build_tiny_grounding_dino, build_tiny_sam
 
         det = build_tiny_grounding_dino(args.outdir / "grounding-dino")
         sam = build_tiny_sam(args.outdir / "sam")
         print(f"detector: {det}\nsam:    {sam}  (random: use them to exercise --segment, not to judge it)")
-    m = build_tiny_models(args.outdir, args.preset)
+    try:
+        m = build_tiny_models(args.outdir, args.preset)
+    except FileExistsError as e:  # a folder of something else: never overwritten
+        raise OutputError(str(e)) from None
     sdxl = m.sdxl_single_file or m.sdxl
     print(f"vlm:    {m.vlm}\nsdxl:   {m.sdxl}\nsingle: {m.sdxl_single_file}\nbundle: {m.bundle}")
     print(

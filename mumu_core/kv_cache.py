@@ -141,7 +141,25 @@ class KVCache:
         del self._memo[_MEMO_SIZE:]
         return ids
 
+    def declare_rows(self, context: torch.Tensor, constant: Sequence[bool]) -> None:
+        """For a meta-device ``context`` (FLOP counting at real size, no values to look at): register its
+        rows, saying which are constant along their tokens. Later calls match it by tensor identity."""
+        if not context.is_meta:
+            raise ValueError("declare_rows is for meta tensors only; real rows are matched by their values")
+        if len(constant) != context.shape[0]:
+            raise ValueError(f"constant has {len(constant)} flags for a batch of {context.shape[0]}")
+        ids = []
+        for b, c in enumerate(constant):
+            self._rows.append(_Row(context[b : b + 1].detach().clone(), bool(c)))
+            ids.append(len(self._rows) - 1)
+        self._memo.insert(0, (context, context._version, tuple(ids)))
+        del self._memo[_MEMO_SIZE:]
+
     def _row_id(self, row: torch.Tensor) -> int:
+        if row.is_meta:
+            # No values to compare: a new non-constant row, matched later only by tensor identity.
+            self._rows.append(_Row(row.detach().clone(), False))
+            return len(self._rows) - 1
         for i, known in enumerate(self._rows):
             d = known.data
             if (
@@ -163,22 +181,22 @@ class KVCache:
         proj: Callable[[torch.Tensor], torch.Tensor] | nn.Module,
         context: torch.Tensor,
         extras: Sequence[object] = (),
+        rows: Sequence[int] | None = None,
+        compact: bool = False,
     ) -> torch.Tensor:
-        """``proj(context)`` for a (B, N, C) ``context``, reusing stored rows of earlier calls under ``key``.
+        """``proj(context[rows])`` for a (B, N, C) ``context``, reusing stored rows of earlier calls under ``key``.
 
         ``key`` names the projection (e.g. ``"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"``);
-        ``extras`` are objects the projection's output also depends on (kept alive while cached).
+        ``extras`` are objects the projection's output also depends on (kept alive while cached); ``rows``
+        picks batch rows (default all). ``compact=True`` leaves constant rows one token long (the caller
+        broadcasts them) instead of materialising them to N tokens.
         """
-        if not self.enabled or context.ndim != 3 or not isinstance(proj, nn.Module):
+        if not self.usable(context, proj):
             self.stats.bypassed += 1
-            return proj(context)
-        if torch.is_grad_enabled() and (
-            context.requires_grad or any(p.requires_grad for p in proj.parameters())
-        ):
-            # Training: a cached tensor would cut the autograd graph of later steps.
-            self.stats.bypassed += 1
-            return proj(context)
+            return proj(context if rows is None else context[list(rows)])
         ids = self.row_ids(context)
+        if rows is not None:
+            ids = tuple(ids[i] for i in rows)
         token, refs, pinned = weight_token(proj, extras)
         values: dict[int, torch.Tensor] = {}
         todo: list[int] = []
@@ -190,24 +208,42 @@ class KVCache:
             else:
                 todo.append(rid)
         if todo:
-            self._compute(key, proj, context, ids, todo, token, refs, pinned, values)
+            self._compute(key, proj, todo, token, refs, pinned, values)
         n = context.shape[1]
-        if len(ids) == 1 and values[ids[0]].shape[1] == n:
+        if len(ids) == 1 and (values[ids[0]].shape[1] == n or compact):
             return values[ids[0]]
+        if compact and all(values[r].shape[1] == 1 for r in ids):
+            return torch.cat([values[r] for r in ids])
         return torch.cat([values[rid].expand(1, n, -1) for rid in ids])
 
-    def _compute(self, key, proj, context, ids, todo, token, refs, pinned, values) -> None:
+    def usable(self, context: torch.Tensor, proj: object) -> bool:
+        """Whether :meth:`projected` may cache for this call (else it computes): enabled, a (B, N, C)
+        context, an ``nn.Module`` projection, and no autograd through it (training would lose its graph)."""
+        if not self.enabled or context.ndim != 3 or not isinstance(proj, nn.Module):
+            return False
+        return not (
+            torch.is_grad_enabled()
+            and (context.requires_grad or any(p.requires_grad for p in proj.parameters()))
+        )
+
+    def constant_rows(self, context: torch.Tensor) -> tuple[bool, ...]:
+        """Per batch row: is it constant along its tokens (the zero negative)? All False when not usable."""
+        if not self.enabled or context.ndim != 3 or (torch.is_grad_enabled() and context.requires_grad):
+            return (False,) * context.shape[0]
+        return tuple(self._rows[i].constant for i in self.row_ids(context))
+
+    def _compute(self, key, proj, todo, token, refs, pinned, values) -> None:
         full = [r for r in todo if not self._rows[r].constant]
         const = [r for r in todo if self._rows[r].constant]
         computed: dict[int, torch.Tensor] = {}
         if full:
-            batch_index = [ids.index(r) for r in full]
-            out = proj(context[batch_index])
+            # The stored copies equal the batch rows exactly (matched by torch.equal).
+            out = proj(torch.cat([self._rows[r].data for r in full]))
             for i, r in enumerate(full):
                 computed[r] = out[i : i + 1]
         for r in const:
             # Every token of a constant row projects to the same vector (for zeros: the bias).
-            computed[r] = proj(context[ids.index(r) : ids.index(r) + 1, :1])
+            computed[r] = proj(self._rows[r].data[:, :1])
         for r, value in computed.items():
             values[r] = value
             old = self._entries.pop((key, r), None)
@@ -228,6 +264,50 @@ class KVCache:
             self._entries[(key, r)] = _Entry(token, refs, pinned, stored, nbytes)
             self._nbytes += nbytes
             self.stats.misses += 1
+
+
+def cached_cross_attention(
+    cache: KVCache,
+    name: str,
+    x: torch.Tensor,
+    context: torch.Tensor,
+    to_q: Callable[[torch.Tensor], torch.Tensor],
+    to_k: nn.Module,
+    to_v: nn.Module,
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    value: torch.Tensor | None = None,
+    extras_k: Sequence[object] = (),
+    extras_v: Sequence[object] = (),
+    constant_shortcut: bool = True,
+) -> torch.Tensor:
+    """Cross-attention up to (not including) its output projection, with K/V through ``cache``.
+
+    ``attend(q, k, v)`` is the host's attention on (b, tokens, inner) tensors. Rows whose context is
+    constant along its tokens (the zero negative) skip ``to_q`` and the attention: with every key equal the
+    softmax weights are uniform, so the output is that row's one value vector whatever the query (for
+    SDXL's bias-free ``to_v`` and a zero context: exactly 0). ``constant_shortcut=False`` (attention masks,
+    host attention overrides that index the batch) attends every row.
+    """
+    b, n = x.shape[0], x.shape[1]
+    const = (False,) * b
+    if constant_shortcut and value is None and context.shape[0] == b and cache.usable(context, to_v):
+        const = cache.constant_rows(context)
+    if not any(const):
+        k = cache.projected(name + ".to_k", to_k, context, extras_k)
+        v = cache.projected(name + ".to_v", to_v, context if value is None else value, extras_v)
+        return attend(to_q(x), k, v)
+    live = [i for i, c in enumerate(const) if not c]
+    dead = [i for i, c in enumerate(const) if c]
+    v0 = cache.projected(name + ".to_v", to_v, context, extras_v, rows=dead, compact=True)[:, :1]
+    if not live:
+        return v0.expand(len(dead), n, -1).contiguous()
+    k = cache.projected(name + ".to_k", to_k, context, extras_k, rows=live)
+    v = cache.projected(name + ".to_v", to_v, context, extras_v, rows=live)
+    part = attend(to_q(x[live]), k, v)
+    out = part.new_empty(b, n, part.shape[-1])
+    out[live] = part
+    out[dead] = v0.to(part.dtype).expand(-1, n, -1)
+    return out
 
 
 def cache_bytes_per_row(tokens: int, kv_inner_dims: Sequence[int], element_size: int) -> int:
@@ -287,13 +367,25 @@ class CachedCrossAttnProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], b)
             attention_mask = attention_mask.view(b, attn.heads, -1, attention_mask.shape[-1])
-        query = attn.to_q(hidden_states)
-        key = self.cache.projected(self.name + ".to_k", attn.to_k, encoder_hidden_states)
-        value = self.cache.projected(self.name + ".to_v", attn.to_v, encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(b, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
-        out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
+        heads = attn.heads
+
+        def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            bb, head_dim = query.shape[0], key.shape[-1] // heads
+            query, key, value = (t.view(bb, -1, heads, head_dim).transpose(1, 2) for t in (query, key, value))
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
+            return out.transpose(1, 2).reshape(bb, -1, heads * head_dim).to(query.dtype)
+
+        out = cached_cross_attention(
+            self.cache,
+            self.name,
+            hidden_states,
+            encoder_hidden_states,
+            attn.to_q,
+            attn.to_k,
+            attn.to_v,
+            attend,
+            constant_shortcut=attention_mask is None,
+        )
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 

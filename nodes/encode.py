@@ -10,6 +10,7 @@ from comfy_api.latest import io
 
 from .conditioning_format import check_latent_batch, size_info, to_comfy
 from .encoding import GLOBAL_CACHE, encode_prompts
+from .kv_cache import mark_conditioning
 from .loaders import POLICY_KEEP, MumuModel, unload
 from .prompt_spec import PromptSpec, describe
 from .types import CATEGORY, MumuModelType, MumuPromptType
@@ -27,6 +28,7 @@ def encode(
     target_width: int,
     target_height: int,
     latent=None,
+    kv_cache: bool = True,
 ):
     if not isinstance(model, MumuModel):
         raise TypeError(f"mumu_model must come from the MUMU Loader, got {type(model).__name__}")
@@ -68,7 +70,9 @@ def encode(
         GLOBAL_CACHE.misses,
     )
     sizes = size_info(width, height, crop_w, crop_h, target_width, target_height)
-    return to_comfy(cond, sizes, model.meta.negative_pooled)
+    positive, negative = to_comfy(cond, sizes, model.meta.negative_pooled)
+    # The K/V cache (installed on the MODEL by MUMU LoRA Merge) runs only for conditionings marked here.
+    return mark_conditioning(positive, kv_cache), mark_conditioning(negative, kv_cache)
 
 
 class MumuEncoder(io.ComfyNode):
@@ -102,6 +106,16 @@ class MumuEncoder(io.ComfyNode):
                         "a multiple of the prompt count is refused (ComfyUI would drop prompts silently)."
                     ),
                 ),
+                io.Boolean.Input(
+                    "kv_cache",
+                    default=True,
+                    optional=True,
+                    tooltip=(
+                        "Cache the cross-attention keys/values of this conditioning for the whole sampling run "
+                        "(same images, faster at long contexts; the MODEL must come through MUMU LoRA Merge). "
+                        "Off: the UNet projects the context at every step, as stock ComfyUI does."
+                    ),
+                ),
             ],
             outputs=[
                 io.Conditioning.Output("positive", display_name="positive"),
@@ -121,8 +135,18 @@ class MumuEncoder(io.ComfyNode):
         target_width: int = 1024,
         target_height: int = 1024,
         latent=None,
+        kv_cache: bool = True,
     ) -> io.NodeOutput:
         positive, negative = encode(
-            mumu_model, mumu_prompt, width, height, crop_w, crop_h, target_width, target_height, latent
+            mumu_model,
+            mumu_prompt,
+            width,
+            height,
+            crop_w,
+            crop_h,
+            target_width,
+            target_height,
+            latent,
+            kv_cache,
         )
         return io.NodeOutput(positive, negative)

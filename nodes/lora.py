@@ -21,6 +21,7 @@ from mumu_core.bundle import (
 
 from . import paths
 from .conditioning_format import check_sdxl_unet_config, kohya_module_names, missing_lora_modules
+from .kv_cache import with_kv_cache
 from .model_folders import ModelFileError
 from .types import CATEGORY
 
@@ -114,12 +115,13 @@ class MumuLoraMerge(io.ComfyNode):
         b = _bundle(bundle)
         lora_sd = checked_lora(model, b, bundle)
         if strength == 0:
-            return io.NodeOutput(model)
+            return io.NodeOutput(with_kv_cache(model))
         merged, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, strength, 0)
         log.info(
             "MUMU: applied the UNet LoRA of %s (%d tensors) at strength %s", bundle, len(lora_sd), strength
         )
-        return io.NodeOutput(merged)
+        # The cross-attention K/V cache rides on the MODEL; MUMU Encoder's kv_cache setting switches it.
+        return io.NodeOutput(with_kv_cache(merged))
 
 
 def next_lora_path(filename_prefix: str) -> Path:

@@ -156,9 +156,10 @@ def test_unet_cached_equals_uncached_over_steps():
     got = [unet(x, 999 - 300 * i, context, added_cond_kwargs=added).sample for i, x in enumerate(xs)]
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, **TOL)
-    # Step 1 computes K and V for the positive row and one token of the zero row; later steps reuse them.
-    assert cache.stats.misses == 2 * 2 * layers
-    assert cache.stats.hits == 2 * 2 * layers * (len(xs) - 1)
+    # Step 1 computes K and V of the positive row and V of one token of the zero row (whose attention
+    # output is that vector: its K are never needed); later steps reuse them.
+    assert cache.stats.misses == 3 * layers
+    assert cache.stats.hits == 3 * layers * (len(xs) - 1)
     assert uninstall_kv_cache(unet) == layers and kv_cached_layers(unet) == 0
 
 
@@ -215,3 +216,60 @@ def test_pipeline_cache_on_by_default_and_exact(tiny_models):
     for x, y in zip(a, b, strict=True):
         diff = np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16))
         assert diff.max() <= 1  # 8-bit images of float outputs equal to tolerance
+
+
+def _reference_attention(x, context, to_q, to_k, to_v, heads=2):
+    q, k, v = to_q(x), to_k(context), to_v(context)
+    b, d = q.shape[0], q.shape[-1] // heads
+    q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, heads * d)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("bias", [False, True])
+def test_constant_rows_skip_attention_exactly(bias):
+    from mumu_core.kv_cache import cached_cross_attention
+
+    torch.manual_seed(0)
+    to_q, to_k, to_v = nn.Linear(6, 8, bias=bias), nn.Linear(5, 8, bias=bias), nn.Linear(5, 8, bias=bias)
+    x = torch.randn(3, 7, 6)
+    pos = torch.randn(1, 4, 5)
+    calls = []
+
+    def attend(q, k, v):
+        calls.append(q.shape[0])
+        b, d = q.shape[0], 4
+        q, k, v = (t.view(b, -1, 2, d).transpose(1, 2) for t in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, 8)
+
+    cache = KVCache()
+    for context in (
+        torch.cat([torch.zeros(1, 4, 5), pos, torch.full((1, 4, 5), 0.5)]),  # zero and constant rows
+        torch.zeros(3, 4, 5),  # a negative batch alone (ComfyUI splits CFG when memory is short)
+    ):
+        got = cached_cross_attention(cache, "l", x, context, to_q, to_k, to_v, attend)
+        torch.testing.assert_close(got, _reference_attention(x, context, to_q, to_k, to_v), **TOL)
+    assert calls == [1]  # only the positive row was attended; the all-constant batch not at all
+
+
+def test_meta_tensors_cache_by_identity():
+    # FLOP counting at real size runs on the meta device: the second call with the same tensor hits.
+    with torch.device("meta"):
+        proj = nn.Linear(8, 6)
+        ctx = torch.zeros(2, 5, 8)
+    cache = KVCache()
+    with torch.no_grad():
+        cache.projected("k", proj, ctx)
+        out = cache.projected("k", proj, ctx)
+    assert out.shape == (2, 5, 6) and out.is_meta and cache.stats.hits == 2
+
+
+def test_declare_rows_is_for_meta_only():
+    cache = KVCache()
+    with pytest.raises(ValueError, match="meta tensors only"):
+        cache.declare_rows(torch.zeros(2, 3, 4), [True, False])
+    ctx = torch.zeros(2, 3, 4, device="meta")
+    with pytest.raises(ValueError, match="2 flags"):
+        cache.declare_rows(ctx, [True])
+    cache.declare_rows(ctx, [True, False])
+    assert cache.constant_rows(ctx) == (True, False)

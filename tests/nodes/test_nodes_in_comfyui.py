@@ -112,7 +112,16 @@ def test_prompt_builder_errors(report):
 def test_encoder_gives_exact_sdxl_conditioning(report):
     enc = report["checks"]["encoder"]
     (pos,), (neg,) = enc["positive"], enc["negative"]
-    keys = ["crop_h", "crop_w", "height", "pooled_output", "target_height", "target_width", "width"]
+    keys = [
+        "crop_h",
+        "crop_w",
+        "height",
+        "mumu_kv_cache",
+        "pooled_output",
+        "target_height",
+        "target_width",
+        "width",
+    ]
     # text bytes + per image <fake> + tokens x <image> + <fake>: 16 + 16 + 64 image tokens here.
     assert pos["context"][0] == 1 and pos["context"][2] == 2048 and pos["context"][1] > 96
     assert pos["keys"] == keys and neg["keys"] == keys
@@ -122,6 +131,7 @@ def test_encoder_gives_exact_sdxl_conditioning(report):
         "crop_h": 0,
         "crop_w": 0,
         "height": 64,
+        "mumu_kv_cache": True,  # the K/V cache marker (nodes/kv_cache.py), default on
         "target_height": 64,
         "target_width": 64,
         "width": 64,
@@ -164,10 +174,10 @@ def test_the_host_unet_follows_references_and_lora_and_is_deterministic(report):
     assert u["context_same_shape"] and u["context_diff"] > 0
     assert u["latent_abs_mean"] > 0
     assert u["same_inputs_diff"] == 0.0  # identical inputs, identical latents
-    # A dead UNet (zero GroupNorm scales) gives 0 for all three.
-    assert u["other_reference_diff"] > 1e-4, u
-    assert u["lora_diff"] > 1e-5, u
-    assert u["zero_conditioning_diff"] > 1e-4, u
+    # A dead UNet (zero GroupNorm scales) gives 0 for both.
+    scale = u["latent_abs_mean"]  # random weights give large latents (~100): compare relative to them
+    assert u["other_reference_diff"] > 1e-3 * scale, u
+    assert u["lora_diff"] > 1e-3 * scale, u
 
 
 def test_lora_merge_refuses_a_non_sdxl_model(report):

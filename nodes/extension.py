@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .encode import MumuEncoder
+from .kv_cache_node import MumuKVCache
 from .loaders import MumuLoader
 from .lora import MumuLoraMerge, MumuSaveLora
 from .mini import MumuMiniLoader, MumuMiniSampler
@@ -18,6 +19,7 @@ NODES: list[type[io.ComfyNode]] = [
     MumuEncoder,
     MumuLoraMerge,
     MumuSaveLora,
+    MumuKVCache,
     MumuSegmentReference,
     MumuMiniLoader,
     MumuMiniSampler,

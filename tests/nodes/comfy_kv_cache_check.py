@@ -172,7 +172,20 @@ def main() -> None:
         a = sample(merged, pos_a, neg)
         run = dict(merged_state.runs[-1]) if merged_state and merged_state.runs else None
         b = sample(plain, pos_a, neg)
-        return {"installed": merged_state is not None, "max_abs_diff": float((a - b).abs().max()), "run": run}
+        node = comfy_nodes.NODE_CLASS_MAPPINGS["MUMUKVCache"]
+        via_node = node.PREPARE_CLASS_CLONE({}).EXECUTE_NORMALIZED(model=base).args[0]
+        node_state = kvc.cache_state(via_node)
+        c = sample(via_node, pos_a, neg)
+        node_run = dict(node_state.runs[-1]) if node_state and node_state.runs else None
+        return {
+            "installed": merged_state is not None,
+            "max_abs_diff": float((a - b).abs().max()),
+            "run": run,
+            "node_installed": node_state is not None,
+            "node_run": node_run,
+            "node_max_abs_diff": float((c - sample(base, pos_a, neg)).abs().max()),
+            "released_after_run": len(merged_state.cache) == 0 and merged_state.cache.nbytes == 0,
+        }
 
     check("lora_merge_node", lora_merge_node)
 

@@ -86,6 +86,10 @@ def test_lora_merge_node_installs_the_cache(report):
     m = report["checks"]["lora_merge_node"]
     assert m["installed"] and m["run"]["active"] and m["run"]["reused"] > 0
     assert m["max_abs_diff"] <= ATOL
+    assert m["run"]["peak_mb"] > 0 and m["released_after_run"]  # memory held during the run, freed after it
+    # The MUMU Cross-Attention Cache node, for a MODEL that does not come through LoRA Merge.
+    assert m["node_installed"] and m["node_run"]["active"] and m["node_run"]["reused"] > 0
+    assert m["node_max_abs_diff"] <= ATOL
 
 
 def test_turns_itself_off_with_a_log_line(report):

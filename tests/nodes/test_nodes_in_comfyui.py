@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 NODE_IDS = [
     "MUMUEncoder",
+    "MUMUKVCache",
     "MUMULoader",
     "MUMULoraMerge",
     "MUMUMiniLoader",

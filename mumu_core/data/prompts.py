@@ -51,6 +51,7 @@ class PromptsConfig:
     generate_contents: int = 0  # new contents the LLM invents
     generate_styles: int = 0
     llm: str | None = None  # local causal-LM folder
+    max_contents: int | None = None  # keep the first N contents (a pilot run, a dry run)
 
 
 # -- normalisation ----------------------------------------------------------------------------------
@@ -313,6 +314,8 @@ def build_prompt_set(cfg: PromptsConfig, llm=None) -> tuple[list[dict], dict]:
         raise PromptSetError("no contents: keep the starter lists or give --contents files / a prompt table")
     if not styles:
         raise PromptSetError("no styles: keep the starter lists or give --styles files / a prompt table")
+    if cfg.max_contents is not None:
+        contents = contents[: cfg.max_contents]
     rows = pair(contents, styles, cfg.styles_per_content, cfg.seed)
     stats["contents"]["total"] = len(contents)
     stats["styles"]["total"] = len(styles)

@@ -39,6 +39,7 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--llm", help="local instruction causal-LM folder (needed by --extract-from / --generate-*)"
     )
+    p.add_argument("--max-contents", type=int, help="keep the first N contents (pilot or dry runs)")
     p.add_argument("--llm-batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--device", default="auto")
@@ -127,6 +128,7 @@ def _prompts(args) -> int:
         generate_contents=args.generate_contents,
         generate_styles=args.generate_styles,
         llm=args.llm,
+        max_contents=args.max_contents,
     )
     check_output(args.out, args.overwrite)
     for f in cfg.content_files + cfg.style_files:

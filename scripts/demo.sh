@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main command: set up, then generate the bundled multimodal prompts (reference crops from
 # different held-out images, background-style references) with the shipped MUMU-mini model.
-# Writes outputs/demo/*.png and outputs/demo/contact_sheet.png. CPU only; about a minute.
+# Writes outputs/demo/*.png, outputs/demo/contact_sheet.png (references | samples | text-only, every sample
+# marked right/wrong by the analyser) and summary.txt/.json (the three lines it prints). CPU only; about a minute.
 #   bash scripts/demo.sh [--out DIR] [--samples N] [--guidance G] [--steps S]
 set -euo pipefail
 cd "$(dirname "$0")/.."

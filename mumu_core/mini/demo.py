@@ -221,7 +221,7 @@ class DemoPrompt:
     @property
     def plain_text(self) -> str:
         """The text-only prompt's words (what ``InterleavedPrompt.without_images()`` keeps)."""
-        return " ".join(self.text.replace("<image>", " ").split())
+        return " ".join("".join(self.text.split("<image>")).split())
 
     @property
     def kind(self) -> str:
@@ -927,6 +927,7 @@ def run_demo(
     pipe = MumuPipeline.from_paths(paths.vlm, paths.bundle, paths.sdxl, dtype=torch.float32, device="cpu")
     written: list[Path] = []
     rows: list[SheetRow] = []
+    text_only_cache: dict[str, list[Image.Image]] = {}
 
     def save(images: Sequence[Image.Image], stem: str) -> None:
         for k, im in enumerate(images):
@@ -940,7 +941,11 @@ def run_demo(
         ip = InterleavedPrompt.parse(p.text, refs, tokens_per_image=pipe.preset.tokens_per_image)
         kw = dict(seed=seed, steps=steps, guidance=guidance, batch=samples, progress=False)
         images = pipe([ip], **kw)
-        text_only = pipe([ip.without_images()], **kw)
+        # The same words with the same seeds give the same images: prompts that differ only in their
+        # references share one text-only generation (5 instead of 9 for the bundled prompts).
+        if ip.plain_text not in text_only_cache:
+            text_only_cache[ip.plain_text] = pipe([ip.without_images()], **kw)
+        text_only = text_only_cache[ip.plain_text]
         save(images, p.name)
         save(text_only, f"{p.name}_textonly")
         rows.append(

@@ -195,3 +195,12 @@ def test_prompts_without_ground_truth_are_a_clear_error(tmp_path: Path) -> None:
 def test_reference_labels() -> None:
     assert D.reference_label(Reference("object", colour="red", shape="circle")) == "red circle"
     assert D.reference_label(Reference("style", style="textured")) == "textured background"
+
+
+def test_text_only_words_are_what_without_images_keeps(prompts) -> None:
+    from mumu_core.prompt import InterleavedPrompt
+
+    for p in prompts:
+        mp = p.to_mini_prompt()
+        ip = InterleavedPrompt.parse(p.text, list(mp.images), tokens_per_image=16).without_images()
+        assert ip.segments == (p.plain_text,)

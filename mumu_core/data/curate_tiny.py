@@ -93,11 +93,16 @@ def build_tiny_people_detector(folder: str | Path, seed: int = 0) -> Path:
         id2label={0: "person", 1: "dog"},
         label2id={"person": 0, "dog": 1},
         use_pretrained_backbone=False,
+        initializer_range=0.2,  # the default 0.01 makes a 1-layer random decoder output ~0 everywhere
     )
     torch.manual_seed(seed)
     model = RTDetrForObjectDetection(cfg)
-    with torch.no_grad():  # sigmoid(-3) ~ 0.05: at the default threshold a dry run finds ~0 persons
-        model.model.decoder.class_embed[-1].bias.fill_(-3.0)
+    with torch.no_grad():
+        # Random class weights (initialised to 0 otherwise: every score would be the prior) around
+        # sigmoid(-3) ~ 0.05, so at the default threshold a dry run finds few persons.
+        head = model.model.decoder.class_embed[-1]
+        head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(seed))
+        head.bias.fill_(-3.0)
     model.save_pretrained(folder)
     RTDetrImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
     return folder

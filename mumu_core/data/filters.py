@@ -148,6 +148,16 @@ def check_model_folder(folder: str | Path | None, what: str, hint: str) -> Path:
     return folder
 
 
+def load_or_explain(what: str, folder: Path, hint: str, load):
+    """``load()``, with a load failure (wrong model type, missing files) named with what belongs."""
+    try:
+        return load()
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(
+            f"cannot load the {what} from {folder} ({str(e).splitlines()[0][:200]}): expected {hint}"
+        ) from e
+
+
 def folder_identity(folder: Path, cls_name: str) -> dict:
     """What identifies a model folder without hashing gigabytes: its config hash and weight file sizes."""
     cfg = (folder / "config.json").read_bytes()
@@ -214,8 +224,13 @@ class ImageClassifier:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
         folder = check_model_folder(folder, what, CLASSIFIER_HINT)
-        model = AutoModelForImageClassification.from_pretrained(
-            folder, use_safetensors=True, local_files_only=True
+        model = load_or_explain(
+            what,
+            folder,
+            CLASSIFIER_HINT,
+            lambda: AutoModelForImageClassification.from_pretrained(
+                folder, use_safetensors=True, local_files_only=True
+            ),
         )
         ids = _label_ids(model.config, labels, folder, what)
         processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
@@ -299,8 +314,13 @@ class PeopleDetector:
         else:
             from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-            model = AutoModelForObjectDetection.from_pretrained(
-                folder, use_safetensors=True, local_files_only=True
+            model = load_or_explain(
+                "people detector",
+                folder,
+                DETECTOR_HINT,
+                lambda: AutoModelForObjectDetection.from_pretrained(
+                    folder, use_safetensors=True, local_files_only=True
+                ),
             )
             processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
             kind, ids = "closed-set", _label_ids(model.config, labels, folder, "people detector")
@@ -455,8 +475,13 @@ class LlavaCaptioner:
                 f"{folder} has no chat template (chat_template.json / tokenizer_config.json): {LLAVA_HINT}"
             )
         processor.tokenizer.padding_side = "left"  # batched generation continues every prompt at its end
-        model = LlavaNextForConditionalGeneration.from_pretrained(
-            folder, dtype=resolve_dtype(dtype), use_safetensors=True, local_files_only=True
+        model = load_or_explain(
+            "caption model",
+            folder,
+            LLAVA_HINT,
+            lambda: LlavaNextForConditionalGeneration.from_pretrained(
+                folder, dtype=resolve_dtype(dtype), use_safetensors=True, local_files_only=True
+            ),
         )
         ident = folder_identity(folder, type(model).__name__)
         return cls(

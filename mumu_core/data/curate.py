@@ -47,6 +47,7 @@ from .filters import (
     resolution_reason,
     resolution_scores,
 )
+from .pipeline import remove_stale_temp_files
 from .shards import Sample, ShardWriter, iter_samples, write_bytes_atomic, write_json_atomic
 from .sources import Source, SourceItem
 
@@ -561,8 +562,23 @@ class PartAssembler:
             rec["source_meta"] = {
                 k: meta[k] for k in ("url", "key", "caption", "width", "height") if k in meta
             }
-        files = {"jpg": row["image"], "txt": rec["caption"].encode("utf-8")}
-        p.writer.add(Sample(key, rec, files))
+        try:
+            # add() encodes everything before it writes a byte: an unstorable record (text that is
+            # not valid Unicode) is dropped with its reason and the tar stays whole.
+            files = {"jpg": row["image"], "txt": rec["caption"].encode("utf-8")}
+            p.writer.add(Sample(key, rec, files))
+        except (ValueError, TypeError) as e:  # UnicodeEncodeError is a ValueError
+            st["reasons"]["failed"] += 1
+            st["dropped"].append(
+                {
+                    "key": key,
+                    "source_key": row["source_key"],
+                    "reason": "failed",
+                    "score": 0.0,
+                    "detail": f"bad record: {e}",
+                }
+            )
+            return
         st["kept"] += 1
 
     def _finish(self, p: _OpenPart) -> None:
@@ -703,6 +719,7 @@ def curate(
         raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)  # of killed runs (their process is gone); live writers are left alone
     n_parts = source.num_parts()
     todo = [i for i in range(n_parts) if not is_finished(out, i, cfg)]
     skipped = n_parts - len(todo)

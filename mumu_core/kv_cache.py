@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 # peft LoRA layers keep their state in plain attributes; a change of any of them changes the projection.
 _PEFT_STATE_ATTRS = ("scaling", "_active_adapter", "merged_adapters", "_disable_adapters", "use_dora")
-_MEMO_SIZE = 8  # context tensors remembered by identity (CFG split into separate batches alternates)
+_MEMO_SIZE = 4  # context tensors remembered by identity (ComfyUI may split CFG into alternating batches)
 
 
 @dataclass

@@ -58,14 +58,10 @@ def check_llm_folder(folder: str | Path) -> Path:
     """Cheap checks (no weights read): a causal-LM config, safetensors weights, a chat template."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    from .pickscore import config_model_type
+
     folder = Path(folder)
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        raise LLMLoadError(f"LLM folder {folder} has no config.json: put {LLM_HELP} there")
-    try:
-        model_type = json.loads(cfg.read_text("utf-8")).get("model_type")
-    except ValueError as e:
-        raise LLMLoadError(f"{cfg} is not valid JSON ({e}): re-download the LLM folder") from e
+    model_type = config_model_type(folder, LLMLoadError, "LLM", LLM_HELP)
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise LLMLoadError(
             f"{folder} holds a {model_type!r} model, which is not a causal LM: give {LLM_HELP}"

@@ -32,16 +32,21 @@ class ScorerLoadError(ValueError):
     """The PickScore folder is missing or holds another kind of model; the message says what belongs."""
 
 
+def config_model_type(folder: Path, error: type[ValueError], what: str, help_text: str) -> str | None:
+    """``model_type`` of a transformers folder's config.json; ``error`` names the folder when it has none."""
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise error(f"{what} folder {folder} has no config.json: put {help_text} there")
+    try:
+        return json.loads(cfg.read_text("utf-8")).get("model_type")
+    except ValueError as e:
+        raise error(f"{cfg} is not valid JSON ({e}): re-download the {what} folder") from e
+
+
 def check_clip_folder(folder: str | Path, what: str = "PickScore model") -> Path:
     """Cheap checks (no weights read): the folder exists and its config.json is a CLIP model's."""
     folder = Path(folder)
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        raise ScorerLoadError(f"{what} folder {folder} has no config.json: put {PICKSCORE_HELP} there")
-    try:
-        model_type = json.loads(cfg.read_text("utf-8")).get("model_type")
-    except ValueError as e:
-        raise ScorerLoadError(f"{cfg} is not valid JSON ({e}): re-download the {what} folder") from e
+    model_type = config_model_type(folder, ScorerLoadError, what, PICKSCORE_HELP)
     if model_type != "clip":
         raise ScorerLoadError(
             f"{folder} holds a {model_type!r} model, not a CLIP model: give {PICKSCORE_HELP}"

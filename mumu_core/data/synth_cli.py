@@ -1,13 +1,16 @@
 """The ``prompts``, ``synth`` and ``score`` subcommands of ``python -m mumu_core.data`` (docs/DATA.md).
 
-Every input is checked before a model loads; bad input prints ``error: ...`` and exits 2.
+Every input is checked before a model loads; bad input prints ``error: ...`` and exits 2. Ctrl-C or
+SIGTERM stops with exit 130 after removing the unfinished part's temp file (finished parts stay).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 COMMANDS = ("prompts", "synth", "score")
@@ -95,14 +98,29 @@ def run(args: argparse.Namespace) -> int:
     from .prompts import PromptSetError
     from .synth import SynthError
 
+    def stop(signum, frame):  # SIGTERM (a scheduler, kill) ends like Ctrl-C: temp files removed
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signals work only there
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
     try:
         return {"prompts": _prompts, "synth": _synth, "score": _score}[args.cmd](args)
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished shards are kept, the unfinished part was discarded; "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
     except (PromptSetError, SynthError, LLMLoadError, ScorerLoadError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # the resume guard (another config in that folder), SDXL layout errors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _prompts(args) -> int:

@@ -459,19 +459,25 @@ def assign_objects(expected: Sequence[tuple[str, str]], found: Sequence[tuple[st
     return list(best_perm) + [None] * (len(expected) - k)
 
 
+def mark_found(
+    references: Sequence[Reference], found: Sequence[tuple[str, str]], found_style: str
+) -> SampleMark:
+    """Judge what was seen in a sample (its objects' (colour, shape), largest first, and its background
+    style) against the references."""
+    expected = [(str(r.colour), str(r.shape)) for r in references if r.kind == "object"]
+    found = list(found[: len(expected)])
+    picks = assign_objects(expected, found)
+    objects = tuple(
+        ObjectMark(e, None if p is None else found[p]) for e, p in zip(expected, picks, strict=True)
+    )
+    styles = [str(r.style) for r in references if r.kind == "style"]
+    return SampleMark(objects, StyleMark(styles[0], found_style) if styles else None)
+
+
 def mark_sample(references: Sequence[Reference], analysis: Analysis) -> SampleMark:
     """Judge one analysed sample against the references. As in the evaluation, the largest detections
     (as many as there are object references) are the sample's objects."""
-    expected = [(r.colour, r.shape) for r in references if r.kind == "object"]
-    found = [(d.colour, d.shape) for d in analysis.detections[: len(expected)]]
-    picks = assign_objects(expected, found)  # type: ignore[arg-type]
-    objects = tuple(
-        ObjectMark(e, None if p is None else found[p])  # type: ignore[arg-type]
-        for e, p in zip(expected, picks, strict=True)
-    )
-    styles = [r.style for r in references if r.kind == "style"]
-    style = StyleMark(styles[0], analysis.style) if styles else None  # type: ignore[arg-type]
-    return SampleMark(objects, style)
+    return mark_found(references, [(d.colour, d.shape) for d in analysis.detections], analysis.style)
 
 
 def mark_samples(
@@ -490,7 +496,7 @@ class Agreement:
     objects: int
     style: float
     styled: int
-    all_right: int
+    all_right: float
     samples: int
 
     def to_json(self) -> dict[str, Any]:
@@ -512,39 +518,28 @@ def agreement(marks: Sequence[SampleMark]) -> Agreement:
 
 
 def chance_agreement(
-    prompts: Sequence[DemoPrompt], samples: int, draws: int = 500, seed: int = 0
+    prompts: Sequence[DemoPrompt], samples: int, draws: int = 2000, seed: int = 0
 ) -> Agreement:
     """Expected agreement of a renderer that draws every attribute uniformly at random (the same marking
     rule; Monte Carlo for the assignment of two objects). Counts are expectations, not integers."""
     rng = np.random.default_rng([seed, 11])
-    colour = shape = 0.0
+    colour = shape = style = all_right = 0.0
     for p in prompts:
-        refs = [r for r in p.references if r.kind == "object"]
+        n_obj = sum(r.kind == "object" for r in p.references)
         for _ in range(draws):
             found = [
                 (COLOURS[int(rng.integers(len(COLOURS)))], SHAPES[int(rng.integers(len(SHAPES)))])
-                for _ in refs
+                for _ in range(n_obj)
             ]
-            m = mark_sample(refs, _FakeAnalysis(found))
-            colour += sum(o.colour_ok for o in m.objects) * samples / draws
-            shape += sum(o.shape_ok for o in m.objects) * samples / draws
-    n_obj = sum(r.kind == "object" for p in prompts for r in p.references) * samples
+            m = mark_found(p.references, found, STYLES[int(rng.integers(len(STYLES)))])
+            w = samples / draws  # each draw stands for this many of the prompt's samples
+            colour += sum(o.colour_ok for o in m.objects) * w
+            shape += sum(o.shape_ok for o in m.objects) * w
+            style += (m.style is not None and m.style.ok) * w
+            all_right += m.all_right * w
+    n_objects = sum(r.kind == "object" for p in prompts for r in p.references) * samples
     n_styled = sum(any(r.kind == "style" for r in p.references) for p in prompts) * samples
-    return Agreement(colour, shape, n_obj, n_styled / len(STYLES), n_styled, 0, len(prompts) * samples)
-
-
-@dataclass(frozen=True)
-class _FakeDetection:
-    colour: str
-    shape: str
-
-
-class _FakeAnalysis:
-    """Just what :func:`mark_sample` reads from an analysis, for the chance estimate."""
-
-    def __init__(self, found: Sequence[tuple[str, str]]) -> None:
-        self.detections = tuple(_FakeDetection(c, s) for c, s in found)
-        self.style = ""
+    return Agreement(colour, shape, n_objects, style, n_styled, all_right, len(prompts) * samples)
 
 
 # ------------------------------------------------------------------------------------------ the sheet

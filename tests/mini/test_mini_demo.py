@@ -174,7 +174,7 @@ def test_summary_counts(prompts, analyser) -> None:
     ch = report["chance"]
     assert ch["colour"] == pytest.approx(expect["colour"], rel=0.05)
     assert ch["shape"] == pytest.approx(expect["shape"], rel=0.05)
-    assert ch["style"] == pytest.approx(n_styled / 3)
+    assert ch["style"] == pytest.approx(n_styled / 3, rel=0.1)
     assert [len(p["samples"]) for p in report["prompts"]] == [n] * len(prompts)
     json.dumps(report)  # serialisable as written
 

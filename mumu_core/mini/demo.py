@@ -825,6 +825,11 @@ class DemoResult:
     report: dict[str, Any]  # summary.json
 
 
+def _settings_text(settings: dict[str, Any]) -> str:
+    shown = [f"{k} {settings[k]:g}" for k in ("seed", "guidance", "steps") if k in settings]
+    return f" ({', '.join(shown)})" if shown else ""
+
+
 def summarise(
     rows: Sequence[SheetRow], sheet: str | Path, settings: dict[str, Any]
 ) -> tuple[list[str], dict[str, Any]]:
@@ -853,7 +858,8 @@ def summarise(
     )
     lines = [
         f"MUMU-mini demo: {len(prompts)} prompts with held-out reference images ({kinds_text}), "
-        f"{n_samples} samples each with the references and {n_samples} text-only; sheet: {sheet}",
+        f"{n_samples} samples each with the references and {n_samples} text-only{_settings_text(settings)}; "
+        f"sheet: {sheet}",
         f"with references: the analyser sees the referenced {_agreement_text(with_refs, verbose=True)} "
         f"({with_refs.all_right}/{with_refs.samples} samples entirely right)",
         f"text-only (same words and seeds, image tokens removed): {_agreement_text(text_only)} "

@@ -204,3 +204,12 @@ def test_text_only_words_are_what_without_images_keeps(prompts) -> None:
         mp = p.to_mini_prompt()
         ip = InterleavedPrompt.parse(p.text, list(mp.images), tokens_per_image=16).without_images()
         assert ip.segments == (p.plain_text,)
+
+
+def test_demo_rejects_zero_samples_before_loading_anything(tmp_path: Path, capsys) -> None:
+    from mumu_core.mini.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--out", str(tmp_path / "o"), "--samples", "0"])
+    assert e.value.code == 2 and "--samples must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from mumu_core.data.__main__ import main as data_main
 from mumu_core.data.shards import read_shard
 
 CONFIGS = Path(__file__).parents[2] / "train" / "configs"
 
 
+@pytest.mark.slow  # four commands and 2 training steps; 3.7 min on the shared 2-core machine it was written on
 def test_prompts_synth_bootstrap_train(tiny_models, tiny_gdino, tmp_path, capsys):
     from train.__main__ import main as train_main
 

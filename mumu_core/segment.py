@@ -7,8 +7,8 @@ local weights only:
 1. open-vocabulary detection of the phrase with GroundingDINO (transformers
    ``GroundingDinoForObjectDetection``, the data pipeline's :class:`~mumu_core.data.detect.GroundingDinoDetector`,
    so phrases are grounded exactly as in bootstrapping);
-2. a mask from the detected box with SAM (transformers ``SamModel`` + ``SamProcessor``), the best of its
-   three candidates by predicted IoU, restricted to the box;
+2. a mask from the detected box with SAM (transformers ``SamModel`` + ``SamProcessor``): its three
+   candidates restricted to the box, the best by predicted IoU among those not empty there;
 3. the reference = the mask's bounding box (plus a margin) cropped out of the image, background black,
    with its mask (255 = keep), which is what ``prompt.prepare_image`` and the Prompt Builder's MASK take.
 
@@ -161,7 +161,10 @@ class ReferenceSegmenter:
 
     @torch.inference_mode()
     def mask_for_box(self, image: Image.Image, box) -> np.ndarray:
-        """SAM's best mask (by predicted IoU) for ``box``, as (H, W) bool of the image's size."""
+        """SAM's best mask (by predicted IoU) inside ``box``, as (H, W) bool of the image's size.
+
+        Candidates with nothing inside the box are passed over (SAM's best-scored one can be a region
+        outside it); all-empty gives an empty mask, which :meth:`segment` reports."""
         image = image.convert("RGB")
         inputs = self.sam_processor(images=image, input_boxes=[[list(map(float, box))]], return_tensors="pt")
         out = self.sam(
@@ -172,8 +175,13 @@ class ReferenceSegmenter:
         masks = self.sam_processor.image_processor.post_process_masks(
             out.pred_masks.float().cpu(), inputs["original_sizes"], inputs["reshaped_input_sizes"]
         )[0][0]  # (3, H, W) bool: the candidates for our one box
-        best = int(out.iou_scores[0, 0].float().argmax())
-        return masks[best].numpy().astype(bool)
+        x0, y0, x1, y1 = (int(v) for v in box)
+        inside = torch.zeros(masks.shape[-2:], dtype=torch.bool)
+        inside[y0:y1, x0:x1] = True
+        masks = masks.bool() & inside
+        scores = out.iou_scores[0, 0].float().cpu().clone()
+        scores[~masks.flatten(1).any(1)] = -float("inf")
+        return masks[int(scores.argmax())].numpy()
 
     def segment(
         self,
@@ -197,10 +205,6 @@ class ReferenceSegmenter:
             )
         dbox = _clamp_box(box, *image.size)
         mask = self.mask_for_box(image, dbox)
-        x0, y0, x1, y1 = dbox
-        inside = np.zeros_like(mask)
-        inside[y0:y1, x0:x1] = True
-        mask &= inside
         if not mask.any():
             raise SegmentError(
                 f"found {phrase!r} at {list(dbox)} (score {score:.2f}) but SAM gave an empty mask there: "

@@ -172,7 +172,15 @@ def build_tiny_sam(folder: str | Path, seed: int = 0) -> Path:
         ),
     )
     torch.manual_seed(seed)
-    SamModel(cfg).save_pretrained(folder)
+    model = SamModel(cfg)
+    # At random init the mask logits are noise around 0, so a small box is often empty in all three
+    # candidates. A constant hypernetwork output turns each mask into the sum of the (mostly positive,
+    # GELU'd) upscaled image features: masks cover most of a box, and still depend on the image.
+    with torch.no_grad():
+        for mlp in model.mask_decoder.output_hypernetworks_mlps:
+            mlp.proj_out.weight.zero_()
+            mlp.proj_out.bias.fill_(1.0)
+    model.save_pretrained(folder)
     ip = SamImageProcessor(
         size={"longest_edge": 64},
         pad_size={"height": 64, "width": 64},

@@ -269,7 +269,7 @@ def test_declare_rows_is_for_meta_only():
     with pytest.raises(ValueError, match="meta tensors only"):
         cache.declare_rows(torch.zeros(2, 3, 4), [True, False])
     ctx = torch.zeros(2, 3, 4, device="meta")
-    with pytest.raises(ValueError, match="2 flags"):
+    with pytest.raises(ValueError, match="1 flags for a batch of 2"):
         cache.declare_rows(ctx, [True])
     cache.declare_rows(ctx, [True, False])
     assert cache.constant_rows(ctx) == (True, False)

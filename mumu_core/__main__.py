@@ -338,6 +338,18 @@ def _fuse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_tiny_curate(root: Path) -> None:
+    """The real-photo curate models (classifiers, person detector, LLaVA-NeXT) and a dry-run command."""
+    from .data.curate_tiny import build_tiny_curate_models
+
+    c = build_tiny_curate_models(root / "curate")
+    print(
+        f"curate: python -m mumu_core.data curate --input {root / 'images'} --out {root / 'curated'} "
+        f"--sfw-model {c['sfw']} --watermark-model {c['watermark']} --people-model {c['people']} "
+        f"--caption-model {c['llava']} --people-threshold 0.9 --min-short-side 16 --min-megapixels 0 --caption-max-tokens 8"
+    )
+
+
 def _make_tiny(args: argparse.Namespace) -> int:
     from .testing import build_tiny_models
 
@@ -360,6 +372,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
         f"--out {m.root / 'out'} --steps 4"
         + (f" --segment dog --detector {det} --sam {sam}" if args.segmenter else "")
     )
+    _print_tiny_curate(m.root)
     if m.pickscore is not None and m.llm is not None:
         print(f"pickscore: {m.pickscore}\nllm:    {m.llm}")
         if m.sdxl_single_file is not None:  # the tiny preset's sdxl/ is a full text-to-image pipeline

@@ -96,15 +96,17 @@ def main() -> int:
         if not args.no_ray:
             import ray
 
+            # One Ray session for both runs: a second start on a loaded machine can time out.
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             for workers in (1, 2):
-                ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+                cfg = SynthConfig(**base, batch_size=4, prompts_per_shard=max(1, args.images // 4))
+                t0 = time.perf_counter()
                 try:
-                    cfg = SynthConfig(**base, batch_size=4, prompts_per_shard=max(1, args.images // 4))
-                    t0 = time.perf_counter()
                     m = synth(prompts, tmp / f"ray{workers}", cfg, "ray", num_workers=workers, progress=False)
-                    wall = time.perf_counter() - t0
-                finally:
+                except BaseException:
                     ray.shutdown()
+                    raise
+                wall = time.perf_counter() - t0
                 assert m["counts"]["generated"] == args.images, m["counts"]
                 row = {
                     "seconds_incl_actor_start": round(wall, 3),
@@ -114,6 +116,7 @@ def main() -> int:
                 ray_rows[f"workers_{workers}"] = row
                 print(f"ray {workers} worker(s): {row['images_per_s_parts']:8.3f} img/s in parts, "
                       f"{row['images_per_s_incl_start']:.3f} img/s incl. actor start ({wall:.1f} s)")  # fmt: skip
+            ray.shutdown()
             for k in ("images_per_s_parts", "images_per_s_incl_start"):
                 ray_rows[f"ratio_2_vs_1_{k}"] = round(ray_rows["workers_2"][k] / ray_rows["workers_1"][k], 3)
             print(f"ratio 2 vs 1 Ray workers: {ray_rows['ratio_2_vs_1_images_per_s_parts']:.2f}x (parts), "

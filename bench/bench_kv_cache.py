@@ -204,17 +204,18 @@ def main() -> None:
         "wall_ratio_goal_met": w["cached_wall_ratio"] <= w["uncached_wall_ratio"] * 2 / 3,
     }
     results["seconds"] = time.time() - t0
-    g = results["goals"]
-    print(
-        f"goals: FLOPs at 1000 cached {g['flops_1000_cached_vs_77']:.3f}x (<= 1.05: {g['flops_goal_met']}); "
-        f"CPU-time ratio at 1000 {g['cpu_ratio_1000_uncached']:.2f}x -> {g['cpu_ratio_1000_cached']:.2f}x "
-        f"(drop by a third: {g['cpu_ratio_goal_met']}); wall {g['wall_ratio_1000_uncached']:.2f}x -> "
-        f"{g['wall_ratio_1000_cached']:.2f}x ({g['wall_ratio_goal_met']})"
-    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2, default=str))
     os.replace(tmp, args.out)
+    g = results["goals"]
+    print(
+        f"goals: FLOPs at 1000 cached {g['flops_1000_cached_vs_uncached_77']:.3f}x of uncached 77 "
+        f"(<= 1.05: {g['flops_goal_met']}); "
+        f"CPU-time ratio at 1000 {g['cpu_ratio_1000_uncached']:.2f}x -> {g['cpu_ratio_1000_cached']:.2f}x "
+        f"(drop by a third: {g['cpu_ratio_goal_met']}); wall {g['wall_ratio_1000_uncached']:.2f}x -> "
+        f"{g['wall_ratio_1000_cached']:.2f}x ({g['wall_ratio_goal_met']})"
+    )
     print(f"wrote {args.out} in {results['seconds']:.0f} s")
 
 

@@ -370,7 +370,9 @@ def model_stage(rows: list[dict], cfg: CurateConfig, models: CurateModels) -> li
     persons: dict[int, tuple[list[float], float] | None] = {}
     live = _alive(live)
     if models.people is not None and live:
-        for r, found in zip(live, models.people.detect([views[id(r)][0] for r in live]), strict=True):
+        for r, found in zip(
+            live, models.people.detect([views[id(r)][0] for r in live], cfg.people_threshold), strict=True
+        ):
             im, s = images[id(r)], views[id(r)][1]
             boxes = [(_scale_box(b, s), sc) for b, sc in zip(found.boxes, found.scores, strict=True)]
             area = im.width * im.height
@@ -625,14 +627,11 @@ def _arrow_rows(table) -> list[dict]:
     return table.to_pylist()
 
 
-def _ray_read(row: dict, source: Source) -> list[dict]:
-    return list(read_rows(source, int(row["part"])))
-
-
-def _ray_cheap(table, cfg: dict):
-    import pyarrow as pa
-
-    return pa.Table.from_pylist(cheap_stage(_arrow_rows(table), CurateConfig.from_dict(cfg)))
+def _ray_read_and_filter(row: dict, source: Source, cfg: dict) -> list[dict]:
+    """The CPU stage on Ray: read one part and run ``cheap_stage`` over it (CPU tasks). It is one
+    ``flat_map`` because Ray Data fuses a separate CPU ``map_batches`` into the model actors."""
+    c = CurateConfig.from_dict(cfg)
+    return [r for b in _batches(read_rows(source, int(row["part"])), c.batch_size) for r in cheap_stage(b, c)]
 
 
 class _RayModelStage:
@@ -670,14 +669,7 @@ def _run_ray(source, todo, cfg, emit, ray_address, num_workers) -> int:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         workers = (min(num_workers, gpus) if num_workers else gpus) if gpus else max(1, num_workers or 1)
         ds = ray.data.from_items([{"part": i} for i in todo], override_num_blocks=max(1, len(todo)))
-        ds = ds.flat_map(_ray_read, fn_kwargs={"source": source}, num_cpus=1)
-        ds = ds.map_batches(
-            _ray_cheap,
-            batch_format="pyarrow",
-            batch_size=cfg.batch_size,
-            fn_kwargs={"cfg": cfg.to_dict()},
-            num_cpus=1,
-        )
+        ds = ds.flat_map(_ray_read_and_filter, fn_kwargs={"source": source, "cfg": cfg.to_dict()}, num_cpus=1)
         ds = ds.map_batches(
             _RayModelStage,
             batch_format="pyarrow",

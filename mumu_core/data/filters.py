@@ -324,7 +324,7 @@ class PeopleDetector:
             )
             processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
             kind, ids = "closed-set", _label_ids(model.config, labels, folder, "people detector")
-        ident = folder_identity(folder, type(model).__name__) | {"threshold": threshold}
+        ident = folder_identity(folder, type(model).__name__)
         return cls(
             model,
             processor,
@@ -338,17 +338,19 @@ class PeopleDetector:
         )
 
     @torch.inference_mode()
-    def detect(self, images: Sequence[Image.Image]) -> list[People]:
+    def detect(self, images: Sequence[Image.Image], threshold: float | None = None) -> list[People]:
+        """Persons with score > ``threshold`` (default: the one given at load time), after NMS."""
         if not images:
             return []
+        threshold = self.threshold if threshold is None else threshold
         if self.kind == "grounding-dino":
-            raw = self._grounded(images)
+            raw = self._grounded(images, threshold)
         else:
             pix = self.processor(images=list(images), return_tensors="pt")
             out = self.model(pixel_values=pix["pixel_values"].to(self.device, self.dtype))
             out.logits, out.pred_boxes = out.logits.float(), out.pred_boxes.float()
             res = self.processor.post_process_object_detection(
-                out, threshold=self.threshold, target_sizes=[(im.height, im.width) for im in images]
+                out, threshold=threshold, target_sizes=[(im.height, im.width) for im in images]
             )
             raw = []
             for r in res:
@@ -362,7 +364,9 @@ class PeopleDetector:
             )
         return found
 
-    def _grounded(self, images: Sequence[Image.Image]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _grounded(
+        self, images: Sequence[Image.Image], threshold: float
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """GroundingDINO with the text "person .": a query's score is its max over the phrase's tokens."""
         text, ranges = detector_text(self.person_ids)
         enc = self.processor.tokenizer(
@@ -390,7 +394,7 @@ class PeopleDetector:
                 ],
                 -1,
             )
-            m = probs[b] >= self.threshold
+            m = probs[b] > threshold
             res.append((xyxy[m], probs[b][m]))
         return res
 

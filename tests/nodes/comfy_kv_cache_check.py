@@ -118,7 +118,7 @@ def main() -> None:
     check(
         "timestep_range",
         lambda: compare(
-            cached, base, combine(ranged(pos_a, 0.0, 0.5)[0], ranged(pos_b, 0.5, 1.0)[0])[0], neg
+            cached, base, combine(ranged(pos_a, 0.0, 0.3)[0], ranged(pos_b, 0.3, 1.0)[0])[0], neg
         ),
     )
     area = comfy_nodes.ConditioningSetArea().append

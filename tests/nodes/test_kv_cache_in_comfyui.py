@@ -45,7 +45,8 @@ def _exact_and_used(case: dict, layers: int, rows: int = 1, zero_rows: int = 1) 
     assert case["max_abs_diff"] <= ATOL * max(1.0, case["scale"]), case
     run = case["run"]
     assert run["active"] and run["reused"] > 0, run
-    # Once per layer for the whole run: K and V of each distinct row, V (one token) of the zero negative.
+    # Once per layer for the whole run: K and V of each distinct row, V (one token) of the zero negative
+    # (timestep_range: 2 steps, the first samples with pos_a only, the second with pos_b only).
     assert run["computed"] == layers * (2 * rows + zero_rows), run
 
 

@@ -43,7 +43,7 @@ def report(comfy_env, comfy_models, sdxl_checkpoint, tmp_path_factory) -> dict:
         ],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,  # ~2 min on an idle 2-core machine; far more when it is shared
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0 and lines, (

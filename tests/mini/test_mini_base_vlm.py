@@ -196,3 +196,23 @@ def test_ship_writes_float16_and_hashes(short_run: Path, tmp_path: Path, one_thr
     (dest / "config.json").write_text((dest / "config.json").read_text() + " ")
     with pytest.raises(V.BaseVLMError, match="config.json"):
         V.verify_shipped(dest, record)
+
+
+# -- the shipped base -------------------------------------------------------------------------------
+
+
+def test_shipped_base_matches_its_record() -> None:
+    meta = V.verify_shipped()
+    total = sum(p.stat().st_size for p in V.SHIP_DIR.rglob("*") if p.is_file())
+    assert total < 2_000_000, f"the shipped VLM base should stay small, it is {total / 1e6:.2f} MB"
+    for key in ("command", "hardware", "wall_s", "steps", "files"):
+        assert meta.get(key), f"vlm.json lacks {key}"
+    # The check's accuracies, or (when it could not run where the base was shipped) a note saying why.
+    assert "check" in meta and (meta["check"] and meta["check"]["accuracy"] or meta.get("check_note"))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= set(
+        meta["files"]
+    )
+    from mumu_core.encoder import MumuEncoder, PerceiverRemoved
+
+    enc = MumuEncoder.from_pretrained(V.SHIP_DIR)
+    assert isinstance(enc.vlm.connector.perceiver_resampler, PerceiverRemoved)

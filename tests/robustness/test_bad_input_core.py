@@ -213,3 +213,12 @@ def test_huge_image_is_refused_from_its_header(tmp_path):
     Image.new("1", (9000, 8000)).save(path)  # 72 Mpx, tiny on disk
     with pytest.raises(PromptError, match="above the 67 Mpx limit"):
         load_image(path)
+
+
+def test_make_tiny_never_overwrites_a_foreign_folder(tmp_path):
+    folder = tmp_path / "my_models"
+    folder.mkdir()
+    (folder / "precious.txt").write_text("mine")
+    res = run_cmd(["-m", "mumu_core", "make-tiny", str(folder)])
+    assert_clean_error(res, "is not a MUMU tiny model set")
+    assert sorted(p.name for p in folder.iterdir()) == ["precious.txt"]

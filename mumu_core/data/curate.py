@@ -47,7 +47,9 @@ from .filters import (
     resolution_reason,
     resolution_scores,
 )
-from .pipeline import remove_stale_temp_files
+
+# The bootstrap's part files and "finished" rule (shard + statistics with the same config fingerprint).
+from .pipeline import is_finished, part_paths, remove_stale_temp_files
 from .shards import Sample, ShardWriter, iter_samples, write_bytes_atomic, write_json_atomic
 from .sources import Source, SourceItem
 
@@ -481,24 +483,6 @@ def run_model_stage(rows: list[dict], cfg: CurateConfig, models: CurateModels) -
 
 # --------------------------------------------------------------------------------------------------
 # Writing
-
-
-def part_paths(out_dir: str | Path, index: int) -> tuple[Path, Path]:
-    out = Path(out_dir)
-    return out / f"shard-{index:06d}.tar", out / f"shard-{index:06d}.json"
-
-
-def is_finished(out_dir: str | Path, index: int, cfg: CurateConfig) -> bool:
-    tar, st = part_paths(out_dir, index)
-    if not (tar.is_file() and st.is_file()):
-        return False
-    fp = json.loads(st.read_text("utf-8")).get("fingerprint")
-    if fp != cfg.fingerprint():
-        raise ValueError(
-            f"{st} was made with another curate config (fingerprint {fp}, now {cfg.fingerprint()}); "
-            "use a new output folder, or delete the old shards to rebuild them"
-        )
-    return True
 
 
 def _empty_stats() -> dict:

@@ -13,6 +13,7 @@ few MB and runs on the CPU inside the node, outside ComfyUI's model management.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import comfy.model_management as mm
 import comfy.utils
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from mumu_core.mini.demo import MODEL_DIR, load_pipeline
+from mumu_core.mini.demo import MODEL_DIR, MiniModelError, load_pipeline, model_paths
 from mumu_core.pipeline import MumuPipeline
 
 from .model_folders import file_identity
@@ -32,7 +33,12 @@ EMBEDDED = "embedded MUMU-mini"
 
 
 def mini_identity() -> str:
-    files = sorted(p for p in MODEL_DIR.rglob("*") if p.is_file())
+    try:
+        paths = model_paths(MODEL_DIR)  # the bundle and the base folders it names
+    except MiniModelError:
+        return "missing"
+    roots = (MODEL_DIR, paths.vlm, paths.sdxl)
+    files = sorted({p for r in roots for p in Path(r).rglob("*") if p.is_file()})
     return file_identity(*files) if files else "missing"
 
 

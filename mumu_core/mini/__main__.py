@@ -72,6 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--command", default="bash scripts/train_mini.sh", help="the command that trained it")
     s.add_argument("--fp32", action="store_true", help="keep float32 (default: float16 files)")
     s.add_argument("--weights", type=Path, default=None, help="destination (default: the package's)")
+    s.add_argument(
+        "--on-bases",
+        nargs=2,
+        type=Path,
+        metavar=("VLM", "SDXL"),
+        default=None,
+        help="ship only the bundle, on these (shipped) base folders; the export must hold exactly their tensors",
+    )
     sub.add_parser("demo-assets", help="rewrite the bundled demo prompts and references")
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -101,8 +109,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cfg = args.export.parent.parent / "config.json"
                 if cfg.is_file():
                     info["train_config"] = json.loads(cfg.read_text())
-                record = D.ship(args.export, args.weights or D.WEIGHTS_DIR, fp16=not args.fp32, info=info)
-                print(json.dumps({k: v for k, v in record.items() if k != "train_config"}, indent=2))
+                bases = (
+                    None if args.on_bases is None else dict(zip(("vlm", "sdxl"), args.on_bases, strict=True))
+                )
+                record = D.ship(
+                    args.export, args.weights or D.WEIGHTS_DIR, fp16=not args.fp32, info=info, bases=bases
+                )
+                print(
+                    json.dumps(
+                        {k: v for k, v in record.items() if k not in ("train_config", "base_files")}, indent=2
+                    )
+                )
             else:
                 prompts = D.make_demo_assets()
                 print(f"wrote {len(prompts)} prompts to {D.DEMO_DIR}")

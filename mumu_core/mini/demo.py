@@ -74,17 +74,29 @@ class MiniModelPaths:
     bundle: Path
 
 
+BASES_FILE = "bases.json"
+
+
 def model_paths(root: str | Path = MODEL_DIR) -> MiniModelPaths:
-    """The three parts of a mini model folder (an export or the shipped one), checked to exist."""
+    """The three parts of a mini model folder (an export or the shipped one), checked to exist.
+
+    An export holds ``vlm/``, ``sdxl/`` and ``mumu.safetensors``. The shipped model holds only the bundle
+    and ``bases.json``, which names the base folders it was trained on (relative to the model folder,
+    ``../base/vlm`` and ``../base/t2i``): under LoRA the bases are not changed, so they are not copied.
+    """
     root = Path(root)
-    paths = MiniModelPaths(root / "vlm", root / "sdxl", root / "mumu.safetensors")
+    vlm, sdxl = root / "vlm", root / "sdxl"
+    if (root / BASES_FILE).is_file():
+        bases = json.loads((root / BASES_FILE).read_text())
+        vlm, sdxl = (root / bases["vlm"]).resolve(), (root / bases["sdxl"]).resolve()
+    paths = MiniModelPaths(vlm, sdxl, root / "mumu.safetensors")
     missing = [str(p) for p in (paths.vlm, paths.sdxl, paths.bundle) if not p.exists()]
     if missing:
         raise MiniModelError(
             f"{root} is not a complete MUMU-mini model: missing {missing}. It needs vlm/ (Idefics2 folder), "
             "sdxl/ (diffusers unet/ vae/ scheduler/) and mumu.safetensors, as written by python -m train "
-            "(out_dir/export/step_N); the shipped one is made by `python -m mumu_core.mini ship` "
-            "(bash scripts/train_mini.sh trains one)"
+            f"(out_dir/export/step_N), or mumu.safetensors + {BASES_FILE} naming the base folders; the shipped "
+            "one is made by `python -m mumu_core.mini ship` (bash scripts/train_mini.sh trains one)"
         )
     return paths
 
@@ -109,14 +121,19 @@ def verify_model(root: str | Path = MODEL_DIR, record: str | Path = MODEL_JSON) 
     if not record.is_file():
         raise MiniModelError(f"{record} is missing: ship a model with `python -m mumu_core.mini ship`")
     meta = json.loads(record.read_text())
-    actual = file_hashes(root)
-    expected = meta["files"]
-    if actual != expected:
-        changed = sorted(k for k in set(actual) | set(expected) if actual.get(k) != expected.get(k))
-        raise MiniModelError(
-            f"the model in {root} does not match {record}: {changed} differ (missing, extra or changed). "
-            "Restore the files from git, or re-ship with `python -m mumu_core.mini ship`"
-        )
+    paths = model_paths(root)
+    checks = [(root, meta["files"])]
+    for part, folder in (("vlm", paths.vlm), ("sdxl", paths.sdxl)):
+        if part in meta.get("base_files", {}):
+            checks.append((folder, meta["base_files"][part]))
+    for folder, expected in checks:
+        actual = file_hashes(folder)
+        if actual != expected:
+            changed = sorted(k for k in set(actual) | set(expected) if actual.get(k) != expected.get(k))
+            raise MiniModelError(
+                f"the model files in {folder} do not match {record}: {changed} differ (missing, extra or "
+                "changed). Restore the files from git, or re-ship with `python -m mumu_core.mini ship`"
+            )
     return meta
 
 
@@ -171,21 +188,35 @@ def ship(
     weights_dir: str | Path = WEIGHTS_DIR,
     fp16: bool = True,
     info: dict[str, Any] | None = None,
+    bases: dict[str, str | Path] | None = None,
 ) -> dict[str, Any]:
-    """Copy a training export (``vlm/``, ``sdxl/``, ``mumu.safetensors``) into ``weights_dir/model`` (fp16 by
-    default) and write ``weights_dir/model.json`` with the hashes plus ``info`` (command, hardware, ...)."""
+    """Copy a training export into ``weights_dir/model`` (fp16 by default) and write ``weights_dir/model.json``
+    with the hashes plus ``info`` (command, hardware, ...).
+
+    With ``bases`` (``{"vlm": folder, "sdxl": folder}``, the shipped base folders), only the bundle is copied
+    and ``bases.json`` points at those folders: the export's ``vlm/`` and ``sdxl/`` must hold exactly the bases'
+    tensors (a LoRA run leaves them unchanged), which is checked, so the shipped model is what was trained.
+    """
     src = model_paths(export_dir)
     weights_dir = Path(weights_dir)
     weights_dir.mkdir(parents=True, exist_ok=True)
+    dest = weights_dir / "model"
     tmp = Path(tempfile.mkdtemp(dir=weights_dir, prefix=".model.shipping."))
     try:
-        shutil.copytree(src.vlm, tmp / "vlm")
-        shutil.copytree(src.sdxl, tmp / "sdxl")
+        if bases is None:
+            shutil.copytree(src.vlm, tmp / "vlm")
+            shutil.copytree(src.sdxl, tmp / "sdxl")
+        else:
+            rel = {}
+            for part, trained in (("vlm", src.vlm), ("sdxl", src.sdxl)):
+                base = Path(bases[part]).resolve()
+                _check_same_tensors(trained, base)
+                rel[part] = os.path.relpath(base, dest)
+            (tmp / BASES_FILE).write_text(json.dumps(rel, indent=1) + "\n")
         shutil.copy2(src.bundle, tmp / "mumu.safetensors")
         if fp16:
             for p in sorted(tmp.rglob("*.safetensors")):
                 _to_fp16_safetensors(p)
-        dest = weights_dir / "model"
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -193,15 +224,41 @@ def ship(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     record = {
-        "format": "MUMU-mini model: the trainer's export layout (vlm/, sdxl/, mumu.safetensors)",
+        "format": "MUMU-mini model: the trainer's export layout (vlm/, sdxl/, mumu.safetensors)"
+        if bases is None
+        else f"MUMU-mini model: mumu.safetensors on the base folders named in {BASES_FILE}",
         "source_export": str(export_dir),
         "dtype": "float16" if fp16 else "float32",
         "hardware": _hardware(),
         **(info or {}),
-        "files": file_hashes(weights_dir / "model"),
+        "files": file_hashes(dest),
     }
+    if bases is not None:
+        paths = model_paths(dest)
+        record["base_files"] = {"vlm": file_hashes(paths.vlm), "sdxl": file_hashes(paths.sdxl)}
     (weights_dir / "model.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _check_same_tensors(trained: Path, base: Path) -> None:
+    """Every safetensors tensor under ``trained`` equals the one at the same path and key under ``base``."""
+    from safetensors.torch import load_file
+
+    files = sorted(p.relative_to(trained) for p in trained.rglob("*.safetensors"))
+    if not files:
+        raise MiniModelError(f"{trained} holds no safetensors files")
+    for rel in files:
+        if not (base / rel).is_file():
+            raise MiniModelError(f"base folder {base} lacks {rel}: the export was not trained on it")
+        a, b = load_file(str(trained / rel)), load_file(str(base / rel))
+        bad = [
+            k for k in a if k not in b or a[k].shape != b[k].shape or not (a[k].float() == b[k].float()).all()
+        ]
+        if bad or set(a) != set(b):
+            raise MiniModelError(
+                f"{trained / rel} differs from the base {base / rel} (e.g. {bad[:2]}): the export was not "
+                "trained on this base (or trained it fully); ship it without bases"
+            )
 
 
 # ------------------------------------------------------------------------------------------ demo assets

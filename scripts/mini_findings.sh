@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# MUMU-mini v2: the paper's findings as numbers (docs/MINI.md "Findings"), from trained exports.
+#   bash scripts/mini_findings.sh MODEL [OUT]
+# MODEL: an export folder (vlm/, sdxl/, mumu.safetensors), e.g. mumu_core/mini/weights/model (the shipped one)
+# OUT:   results folder (default runs/findings); each evaluation writes OUT/<name>/results.{json,md} + sheets.
+# Environment (optional comparisons, each skipped when unset):
+#   FINETUNE=DIR         the mini community fine-tune (default runs/finetune/model; made when missing by its
+#                        recipe, `python -m mumu_core.mini base-t2i finetune`, ~15 min: its 7 MB UNet is not
+#                        shipped). Finding 4 merges MODEL's UNet LoRA into it with `python -m mumu_core fuse`
+#                        (the same merge a user runs on a community SDXL) and evaluates the merged model
+#   PERCEIVER_KEPT=DIR   an export trained with model.keep_perceiver=true at the same steps (Finding 1)
+#   SCRATCH=DIR          an export of the from-scratch recipe (train/configs/mini_scratch.yaml) at the same compute
+#   N_SINGLE, N_PAIR, N_STYLE (96, 60, 48)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -n "${VIRTUAL_ENV:-}" ] || . .venv/bin/activate
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+MODEL=${1:?usage: bash scripts/mini_findings.sh MODEL [OUT]}
+OUT=${2:-runs/findings}
+FINETUNE=${FINETUNE:-runs/finetune/model}
+N=(--n-single "${N_SINGLE:-96}" --n-pair "${N_PAIR:-60}" --n-style "${N_STYLE:-48}")
+for f in vlm sdxl mumu.safetensors; do
+  [ -e "$MODEL/$f" ] || { echo "error: $MODEL/$f is missing: MODEL must be a training export (vlm/, sdxl/, mumu.safetensors)" >&2; exit 2; }
+done
+mkdir -p "$OUT"
+ev() {  # ev NAME VLM BUNDLE SDXL [evaluate args...]
+  local name=$1 vlm=$2 bundle=$3 sdxl=$4; shift 4
+  [ -f "$OUT/$name/results.json" ] && { echo "kept $OUT/$name (delete it to re-run)"; return; }
+  python -m mumu_core.mini.evaluate --generator pipeline --vlm "$vlm" --bundle "$bundle" --sdxl "$sdxl" \
+    --out "$OUT/$name" "${N[@]}" "$@" > "$OUT/$name.log"
+  echo "wrote $OUT/$name"
+}
+# Single / text-only / pair / style at the demo guidance 1.5 and a sweep; tokens per image at 1.5 (Finding 1-3).
+ev main "$MODEL/vlm" "$MODEL/mumu.safetensors" "$MODEL/sdxl" --guidance-sweep 1.0 3.0 --tokens-demo-only
+if [ -n "${PERCEIVER_KEPT:-}" ]; then
+  ev perceiver_kept "$PERCEIVER_KEPT/vlm" "$PERCEIVER_KEPT/mumu.safetensors" "$PERCEIVER_KEPT/sdxl" \
+    --suites single tokens pair --guidance-sweep --tokens-demo-only
+fi
+if [ -n "${SCRATCH:-}" ]; then
+  ev scratch "$SCRATCH/vlm" "$SCRATCH/mumu.safetensors" "$SCRATCH/sdxl" --suites single pair style --guidance-sweep
+fi
+if [ ! -d "$FINETUNE/unet" ] && [ "$FINETUNE" = runs/finetune/model ]; then
+  python -m mumu_core.mini base-t2i finetune --base mumu_core/mini/weights/base/t2i --out runs/finetune
+fi
+if [ -d "$FINETUNE/unet" ]; then
+  # Finding 4: the fine-tune alone (its look, text-only), and MODEL's UNet LoRA merged into it.
+  merged="$OUT/finetune_merged"
+  [ -d "$merged" ] || python -m mumu_core fuse --bundle "$MODEL/mumu.safetensors" --sdxl "$FINETUNE" --out "$merged"
+  ev merged_finetune "$MODEL/vlm" "$MODEL/mumu.safetensors" "$merged" --suites single pair style \
+    --guidance-sweep --generator-arg lora_scale=0
+fi
+python -m mumu_core.mini.evaluate --summarise "$OUT"/*/results.json > "$OUT/summary.md"
+echo "summary: $OUT/summary.md"

@@ -76,7 +76,10 @@ class MumuMiniLoader(io.ComfyNode):
     def execute(cls, model: str, verify: bool = True) -> io.NodeOutput:
         if model != EMBEDDED:
             raise ValueError(f"model must be {EMBEDDED!r}, got {model!r}")
-        pipe = load_pipeline(verify=verify, device="cpu")
+        # ComfyUI runs nodes under torch.inference_mode(); weights made there are inference tensors, which
+        # mumu_core's cross-attention K/V cache cannot version-check (RuntimeError seen in ComfyUI).
+        with torch.inference_mode(False):
+            pipe = load_pipeline(verify=verify, device="cpu")
         log.info("MUMU: loaded the embedded MUMU-mini model from %s", MODEL_DIR)
         return io.NodeOutput(pipe)
 
@@ -154,7 +157,10 @@ class MumuMiniSampler(io.ComfyNode):
         images = []
         for i, p in enumerate(prompts):
             mm.throw_exception_if_processing_interrupted()
-            images += mini_model([p], seed=seed + i, steps=steps, guidance=cfg, batch=samples, progress=False)
+            with torch.inference_mode(False), torch.no_grad():  # see MumuMiniLoader.execute
+                images += mini_model(
+                    [p], seed=seed + i, steps=steps, guidance=cfg, batch=samples, progress=False
+                )
             bar.update_absolute(i + 1, len(prompts))
         log.info("MUMU-mini: %s -> %d image(s)", describe(mumu_prompt), len(images))
         return io.NodeOutput(images_to_tensor(images, upscale))

@@ -205,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fuse", help="merge the bundle's UNet LoRA into an SDXL checkpoint (one .safetensors)")
     f.add_argument("--bundle", required=True, type=Path)
     f.add_argument("--sdxl", required=True, type=Path, help="SDXL single .safetensors or diffusers folder")
-    f.add_argument("--out", required=True, type=Path, help="output .safetensors")
+    f.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output .safetensors (or a new folder, for a diffusers folder input)",
+    )
     f.add_argument("--scale", type=float, default=1.0)
 
     t = sub.add_parser("make-tiny", help="write a tiny random model set (for demos and tests)")
@@ -333,7 +338,13 @@ def _export(args: argparse.Namespace) -> int:
 def _fuse(args: argparse.Namespace) -> int:
     from .bundle import fuse_unet_lora_into_checkpoint, load_bundle
 
-    check_output_file(args.out, [args.bundle, args.sdxl])
+    if args.sdxl.is_dir() and args.out.suffix == "":
+        # A diffusers folder in, a new diffusers folder out (the bundle module refuses existing folders).
+        if args.out.exists():
+            raise OutputError(f"--out {args.out} exists: give a new folder name (nothing is overwritten)")
+        _probe_writable(args.out.parent if args.out.parent.exists() else Path("."), "the folder of --out")
+    else:
+        check_output_file(args.out, [args.bundle, args.sdxl])
     print(fuse_unet_lora_into_checkpoint(load_bundle(args.bundle), args.sdxl, args.out, args.scale))
     return 0
 

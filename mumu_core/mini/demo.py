@@ -197,7 +197,14 @@ def ship(
     and ``bases.json`` points at those folders: the export's ``vlm/`` and ``sdxl/`` must hold exactly the bases'
     tensors (a LoRA run leaves them unchanged), which is checked, so the shipped model is what was trained.
     """
-    src = model_paths(export_dir)
+    export_dir = Path(export_dir)
+    if bases is None:
+        src = model_paths(export_dir)
+    else:
+        # A LoRA run's export is the bundle only; the bases it trained on are in the run's config.
+        src = MiniModelPaths(*_trained_bases(export_dir), export_dir / "mumu.safetensors")
+        if not src.bundle.is_file():
+            raise MiniModelError(f"{src.bundle} is missing: give python -m train's out_dir/export/step_N")
     weights_dir = Path(weights_dir)
     weights_dir.mkdir(parents=True, exist_ok=True)
     dest = weights_dir / "model"
@@ -217,6 +224,10 @@ def ship(
         if fp16:
             for p in sorted(tmp.rglob("*.safetensors")):
                 _to_fp16_safetensors(p)
+        from ..bundle import apply_umask
+
+        for f in [tmp, *tmp.rglob("*")]:  # readable by others, as the umask allows (mkdtemp gives 0700)
+            apply_umask(f, directory=f.is_dir())
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -238,6 +249,19 @@ def ship(
         record["base_files"] = {"vlm": file_hashes(paths.vlm), "sdxl": file_hashes(paths.sdxl)}
     (weights_dir / "model.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _trained_bases(export_dir: Path) -> tuple[Path, Path]:
+    """The VLM and SDXL folders an export was trained on: its own copies, else its run's config."""
+    if (export_dir / "vlm").is_dir() and (export_dir / "sdxl").is_dir():
+        return export_dir / "vlm", export_dir / "sdxl"
+    cfg = export_dir.parent.parent / "config.json"
+    if not cfg.is_file():
+        raise MiniModelError(
+            f"{export_dir} holds no vlm/ and sdxl/ and {cfg} is missing: cannot tell which bases it was trained on"
+        )
+    model = json.loads(cfg.read_text())["model"]
+    return Path(model["vlm"]), Path(model["sdxl"])
 
 
 def _check_same_tensors(trained: Path, base: Path) -> None:

@@ -15,26 +15,58 @@ from mumu_core.mini.__main__ import main
 
 
 def test_shipped_weights_match_their_record() -> None:
-    meta = D.verify_model()  # every file's sha256, no file missing or extra
-    total = sum(p.stat().st_size for p in D.MODEL_DIR.rglob("*") if p.is_file())
-    assert total < 8_000_000, f"the embedded model should stay a few MB, it is {total / 1e6:.1f} MB"
-    for key in ("command", "hardware", "recipe", "dtype", "files"):
+    meta = D.verify_model()  # every file's sha256 (the bundle and the bases it names), none missing or extra
+    paths = D.model_paths()
+    own = sum(p.stat().st_size for p in D.MODEL_DIR.rglob("*") if p.is_file())
+    assert own < 2_000_000, f"the MUMU part (bundle) should stay small, it is {own / 1e6:.1f} MB"
+    for key in ("command", "hardware", "recipe", "dtype", "files", "base_files"):
         assert meta.get(key), f"model.json lacks {key}"
     assert "scripts/train_mini.sh" in meta["command"]
     assert meta["recipe"]["wall_s"] > 0
-    assert {"vlm/config.json", "sdxl/unet/config.json", "mumu.safetensors"} <= set(meta["files"])
+    assert {"bases.json", "mumu.safetensors"} == set(meta["files"])
+    assert paths.vlm == (D.WEIGHTS_DIR / "base" / "vlm").resolve()
+    assert paths.sdxl == (D.WEIGHTS_DIR / "base" / "t2i").resolve()
+    assert "unet/config.json" in meta["base_files"]["sdxl"] and "config.json" in meta["base_files"]["vlm"]
 
 
 def test_verify_detects_a_changed_file(tmp_path: Path) -> None:
-    root = tmp_path / "model"
-    shutil.copytree(D.MODEL_DIR, root)
-    record = tmp_path / "model.json"
+    weights = tmp_path / "weights"
+    shutil.copytree(D.MODEL_DIR, weights / "model")
+    shutil.copytree(D.WEIGHTS_DIR / "base", weights / "base")
+    record = weights / "model.json"
     shutil.copy(D.MODEL_JSON, record)
-    D.verify_model(root, record)
-    cfg = root / "sdxl" / "unet" / "config.json"
+    D.verify_model(weights / "model", record)
+    cfg = weights / "base" / "t2i" / "unet" / "config.json"
     cfg.write_text(cfg.read_text() + " ")
-    with pytest.raises(D.MiniModelError, match="sdxl/unet/config.json"):
-        D.verify_model(root, record)
+    with pytest.raises(D.MiniModelError, match="unet/config.json"):
+        D.verify_model(weights / "model", record)
+
+
+def test_ship_on_bases_copies_only_the_bundle_and_refuses_other_bases(tmp_path: Path) -> None:
+    from mumu_core.testing import build_tiny_models
+
+    models = build_tiny_models(tmp_path / "models", "mini")
+    weights = tmp_path / "weights"
+    shutil.copytree(models.vlm, weights / "base" / "vlm")
+    shutil.copytree(models.sdxl, weights / "base" / "t2i")
+    export = tmp_path / "export"
+    shutil.copytree(models.vlm, export / "vlm")
+    shutil.copytree(models.sdxl, export / "sdxl")
+    shutil.copy(models.bundle, export / "mumu.safetensors")
+    bases = {"vlm": weights / "base" / "vlm", "sdxl": weights / "base" / "t2i"}
+    record = D.ship(export, weights, fp16=False, info={"command": "test"}, bases=bases)
+    assert set(record["files"]) == {"bases.json", "mumu.safetensors"}
+    D.verify_model(weights / "model", weights / "model.json")
+    assert D.model_paths(weights / "model").sdxl == bases["sdxl"].resolve()
+    from safetensors.torch import load_file, save_file
+
+    f = next((weights / "base" / "t2i" / "unet").glob("*.safetensors"))
+    sd = load_file(str(f))
+    k = next(iter(sd))
+    sd[k] = sd[k] + 1  # the base is no longer what the export was trained on
+    save_file(sd, str(f))
+    with pytest.raises(D.MiniModelError, match="differs from the base"):
+        D.ship(export, weights, fp16=False, info={"command": "test"}, bases=bases)
 
 
 def test_ship_fp16_keeps_the_outputs(tmp_path: Path, one_thread) -> None:

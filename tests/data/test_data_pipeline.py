@@ -154,7 +154,7 @@ def test_atomic_output_resume_and_config_guard(tmp_path):
     assert man["counts"]["images_out"] == 3  # the manifest counts earlier runs' parts too
     assert (out / "shard-000000.tar").stat().st_mtime_ns == mtime  # finished part not rewritten
     assert (out / "shard-000001.tar").read_bytes() == first  # deterministic shard bytes
-    with pytest.raises(ValueError, match="another bootstrap config"):
+    with pytest.raises(ValueError, match="made with another config"):
         bootstrap(src, out, BootstrapConfig(min_crop_side=21, controls=("canny",)), progress=False)
 
 

@@ -76,11 +76,12 @@ def linear_probe(
 
 def run_probe(model: str | Path, count: int = 700, n_train: int = 500, tokens: int = 16) -> ProbeResult:
     from ..pipeline import MumuPipeline
+    from .demo import model_paths
 
     if not 0 < n_train < count:
         raise ValueError(f"n_train must be between 0 and count ({count}), got {n_train}")
-    model = Path(model)
-    pipe = MumuPipeline.from_paths(model / "vlm", model / "mumu.safetensors", model / "sdxl")
+    paths = model_paths(model)  # an export (vlm/, sdxl/) or the shipped bundle + bases.json
+    pipe = MumuPipeline.from_paths(paths.vlm, paths.bundle, paths.sdxl)
     prompts, colours, shapes = probe_cases(count, tokens)
     context, pooled = [], []
     with torch.no_grad():

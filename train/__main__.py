@@ -50,6 +50,12 @@ def _rank_prefix() -> str:
 def error(msg: object) -> None:
     text = " ".join(str(msg).split()) if "\n  - " not in str(msg) else str(msg)
     print(f"{_rank_prefix()}error: {text}", file=sys.stderr, flush=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun kills the other ranks as soon as one exits non-zero; every rank fails on the same checked
+        # input at the same step, so a moment's wait lets each one print its own line before that happens.
+        import time
+
+        time.sleep(3)
 
 
 def export_main(argv: list[str]) -> int:

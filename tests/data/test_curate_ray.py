@@ -38,7 +38,7 @@ def test_ray_two_workers_matches_local(tiny_curate, tmp_path):
     assert remote["workers"] == 2 and remote["executor"] == "ray"
     assert remote["parts"] == {"total": 3, "finished": 3, "skipped_as_finished": 0, "unfinished": []}
     assert remote["counts"] == local["counts"] and remote["reasons"] == local["reasons"]
-    assert local["reasons"]["truncated"] == 1 and local["counts"]["images_in"] == 7
+    assert local["reasons"]["not_an_image"] == 1 and local["counts"]["images_in"] == 7
     for i in range(3):
         name = f"shard-{i:06d}.tar"
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()

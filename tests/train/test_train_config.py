@@ -73,7 +73,9 @@ def test_validate_names_problems():
         assert key in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "mini.yaml", "mini_scratch.yaml", "stage1.yaml", "stage2.yaml"])
+@pytest.mark.parametrize(
+    "name", ["tiny.yaml", "mini.yaml", "mini_scratch.yaml", "stage1.yaml", "stage2.yaml"]
+)
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name, ["model.vlm=v", "model.sdxl=s", "data.shards=x.tar"])
     cfg.validate()

@@ -522,7 +522,16 @@ def main() -> None:
         face = torch.rand(1, 72, 64, 3, generator=torch.Generator().manual_seed(3))
         seg = dict(detector="grounding-dino-base", sam="sam-vit-base", box_threshold=0.3, margin=0.05)
         ref, mask = run("MUMUSegmentReference", image=face, phrase="person", **seg).args
-        spec = run("MUMUPromptBuilder", text="a photo of <image> on the moon", image1=ref, mask1=mask).args[0]
+        # The tiny random SAM's mask is arbitrary; where it happens to keep the border and blank the middle
+        # the builder's inverted-alpha-mask rule refuses it (recorded). The wiring is checked either way.
+        refused = None
+        try:
+            spec = run(
+                "MUMUPromptBuilder", text="a photo of <image> on the moon", image1=ref, mask1=mask
+            ).args[0]
+        except Exception as e:  # noqa: BLE001 - recorded for the test to judge
+            refused = f"{type(e).__name__}: {e}"
+            spec = run("MUMUPromptBuilder", text="a photo of <image> on the moon", image1=ref).args[0]
         background = mask[0] == 0
         cls = ours["MUMUSegmentReference"]
         return {
@@ -534,6 +543,7 @@ def main() -> None:
             .args[1]
             .shape[0],
             "prompt_slots": len(spec.slots),
+            "builder_refused_mask": refused,
             "missing_detector": cls.validate_inputs(detector="nope-dino"),
             "good_detector": cls.validate_inputs(detector="grounding-dino-base"),
         }

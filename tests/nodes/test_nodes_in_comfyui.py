@@ -217,6 +217,10 @@ def test_segment_node_cuts_out_the_reference_for_the_prompt_builder(report, comf
     assert s["image"][0] == 1 and s["image"][3] == 3 and s["mask"] == s["image"][:3]
     assert 0 < s["mask_kept"] <= 1 and s["background_black"]
     assert s["batch"] == 2 and s["prompt_slots"] == 1
+    # Only the inverted-alpha-mask rule may refuse the (random) tiny SAM's mask, never anything else.
+    assert s["builder_refused_mask"] is None or "InvertMask" in s["builder_refused_mask"], s[
+        "builder_refused_mask"
+    ]
     assert s["good_detector"] is True
     assert str(comfy_models / "grounding-dino" / "nope-dino") in s["missing_detector"]
 

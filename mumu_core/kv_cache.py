@@ -69,6 +69,12 @@ class KVCacheStats:
     extra: dict = field(default_factory=dict)
 
 
+def _version(t) -> int:
+    """A tensor's in-place version; inference tensors (ComfyUI samples under inference_mode) have none,
+    and cannot be changed in place outside inference mode, so they count as version 0."""
+    return 0 if t.is_inference() else t._version
+
+
 def _module_state(module: nn.Module) -> Iterator[Any]:
     for sub in module.modules():
         for attr in _PEFT_STATE_ATTRS:
@@ -84,7 +90,7 @@ def weight_token(module: nn.Module, extras: Sequence[object] = ()) -> tuple[tupl
     weak references and matches only while they still point at the same live parameters.
     """
     params = list(module.parameters())
-    token = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)) for p in params)
+    token = tuple((id(p), p.data_ptr(), _version(p), p.dtype, p.device, tuple(p.shape)) for p in params)
     token += tuple(_module_state(module))
     token += tuple(id(e) for e in extras)
     return token, [weakref.ref(p) for p in params], tuple(extras)
@@ -133,11 +139,11 @@ class KVCache:
     def row_ids(self, context: torch.Tensor) -> tuple[int, ...]:
         """The id of each batch row of ``context`` (B, N, C); equal rows get equal ids."""
         for tensor, version, ids in self._memo:
-            if tensor is context and tensor._version == version:
+            if tensor is context and _version(tensor) == version:
                 return ids
         ids = tuple(self._row_id(context[b : b + 1]) for b in range(context.shape[0]))
         # A strong reference: while remembered, no other tensor can take this one's identity.
-        self._memo.insert(0, (context, context._version, ids))
+        self._memo.insert(0, (context, _version(context), ids))
         del self._memo[_MEMO_SIZE:]
         return ids
 
@@ -152,7 +158,7 @@ class KVCache:
         for b, c in enumerate(constant):
             self._rows.append(_Row(context[b : b + 1].detach().clone(), bool(c)))
             ids.append(len(self._rows) - 1)
-        self._memo.insert(0, (context, context._version, tuple(ids)))
+        self._memo.insert(0, (context, _version(context), tuple(ids)))
         del self._memo[_MEMO_SIZE:]
 
     def _row_id(self, row: torch.Tensor) -> int:

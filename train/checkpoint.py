@@ -314,6 +314,12 @@ def load_checkpoint(
             f"checkpoint {path} does not hold this config's trainable tensors (missing {missing[:3]}, "
             f"extra {extra[:3]}): the trained parts or LoRA settings differ; start a new run"
         )
+    # Optimizer keys grouped by parameter once ("optim.<param>.<state>", the state name has no dot):
+    # a lookup per parameter over all keys would be quadratic in the model size.
+    optim_keys: dict[str, list[str]] = {}
+    for k in keys:
+        if k.startswith("optim."):
+            optim_keys.setdefault(k[len("optim.") :].rpartition(".")[0], []).append(k)
     with torch.no_grad():
         for name, p in named:
             _copy_local(p, f.get_tensor(f"model.{name}"), f"model.{name}", path)
@@ -321,7 +327,7 @@ def load_checkpoint(
                 _copy_local(ema[name], f.get_tensor(f"ema.{name}"), f"ema.{name}", path)
             prefix = f"optim.{name}."
             state = {}
-            for k in (k for k in keys if k.startswith(prefix)):
+            for k in optim_keys.get(name, ()):
                 saved = f.get_tensor(k)
                 if saved.dim() == 0:  # AdamW's step counter: a CPU scalar, not sharded
                     state[k[len(prefix) :]] = saved.clone()
@@ -351,7 +357,7 @@ def _load_weights_any_world(
     files = []
     for r in range(saved_world):
         f, meta = _open(path / f"rank{r}.safetensors")
-        files.append((f, json.loads(meta["mumu.layout"])))
+        files.append((f, set(f.keys()), json.loads(meta["mumu.layout"])))
     named = _named_trainable(model)
     with torch.no_grad():
         for name, p in named:
@@ -359,9 +365,9 @@ def _load_weights_any_world(
                 if dst is None:
                     continue
                 full = None
-                for f, layout in files:
+                for f, file_keys, layout in files:
                     key = f"{prefix}.{name}"
-                    if name not in layout or key not in f.keys():
+                    if name not in layout or key not in file_keys:
                         raise CheckpointError(f"checkpoint {path} lacks {key}: the config's model differs")
                     part = f.get_tensor(key)
                     if full is None:

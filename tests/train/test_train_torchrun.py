@@ -11,6 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 CONFIGS = Path(__file__).parents[2] / "train" / "configs"
 ROOT = Path(__file__).parents[2]
 
@@ -54,6 +57,24 @@ def test_torchrun_loss_falls_and_resume_matches(tiny_models, fixed_shards, tmp_p
     assert last < 0.9 * ref[1], ref
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_00000004", "step_00000008"]
     assert (straight / "export" / "step_00000008" / "sdxl" / "unet" / "config.json").is_file()
+
+    # One process re-exports the 2-rank checkpoint (shards put back together from both rank files):
+    # every exported tensor equals the one the 2-rank run exported itself.
+    one = tmp_path / "export_1proc"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, "-m", "train", "export", str(straight), "--step", "8", "--dest", str(one)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    two = straight / "export" / "step_00000008"
+    files = sorted(f.relative_to(two) for f in two.rglob("*.safetensors"))
+    assert files and files == sorted(f.relative_to(one) for f in one.rglob("*.safetensors"))
+    for rel in files:
+        a, b = load_file(two / rel), load_file(one / rel)
+        assert a.keys() == b.keys(), rel
+        for k in a:
+            assert torch.equal(a[k], b[k]), (rel, k)
 
     # Interrupt a second run with SIGTERM (what torchrun sends its workers on Ctrl-C) after step 2 ...
     stopped = tmp_path / "stopped"

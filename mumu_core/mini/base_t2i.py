@@ -295,6 +295,9 @@ class T2ITrainConfig:
     weight_decay: float = 0.01
     ema_decay: float = 0.999
     cond_dropout: float = 0.1  # captions replaced by "" (the unconditional caption for guidance)
+    # Min-SNR-gamma loss weighting (Hang et al. 2023): caps the weight of the low-noise steps, whose
+    # fine-detail gradients fight the mid-noise ones where an object's shape is decided. None = off.
+    min_snr_gamma: float | None = None
     checkpoint_every: int = 250
     seed: int = 0
     style: str | None = None  # None: the base; "framed": the fine-tune
@@ -368,6 +371,19 @@ def _load_checkpoint(ckpt: Path, params, ema, opt: torch.optim.Optimizer) -> int
     return int(state["step"])
 
 
+def _weighted_loss(pred, target, t, sched, gamma: float | None) -> torch.Tensor:
+    """MSE on v; with ``gamma``, each sample weighted min(snr, gamma) / (snr + 1) (v-prediction form)."""
+    if gamma is None:
+        return torch.nn.functional.mse_loss(pred, target)
+    ac = sched.alphas_cumprod[t]
+    snr = ac / (1 - ac).clamp_min(1e-8)
+    w = torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1)
+    # Zero terminal SNR makes the pure-noise step's weight 0, but sampling starts there: keep it at 1.
+    w = torch.where(snr == 0, torch.ones_like(w), w)
+    per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
+    return (w * per_sample).mean()
+
+
 def train_t2i(cfg: T2ITrainConfig, log=print) -> Path:
     """Train the base (or, with ``cfg.init`` + ``cfg.style``, the fine-tune); returns the model folder.
 
@@ -435,7 +451,7 @@ def train_t2i(cfg: T2ITrainConfig, log=print) -> Path:
                 group["lr"] = cfg.lr * _lr_factor(step, cfg)
             context, pooled = model.embed(captions)
             pred = model.denoise(noisy, t, context, pooled)
-            loss = torch.nn.functional.mse_loss(pred, target)
+            loss = _weighted_loss(pred, target, t, sched, cfg.min_snr_gamma)
             if not torch.isfinite(loss):
                 raise BaseModelError(f"loss became {loss.item()} at step {step}: lower --lr and resume")
             opt.zero_grad(set_to_none=True)
@@ -664,8 +680,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         t.add_argument("--batch-size", type=int, default=32)
         t.add_argument("--lr", type=float, default=1e-3 if name == "train" else 2e-4)
         t.add_argument("--seed", type=int, default=0 if name == "train" else 1)
+        t.add_argument("--ema-decay", type=float, default=0.999)
         if name == "finetune":
             t.add_argument("--base", type=Path, required=True, help="the base model folder to start from")
+        else:
+            t.add_argument(
+                "--init", type=Path, default=None, help="continue from this base model folder (RUN/model)"
+            )
+            t.add_argument(
+                "--min-snr",
+                type=float,
+                default=None,
+                help="min-SNR-gamma loss weighting (e.g. 5); off by default",
+            )
+            t.add_argument("--warmup-steps", type=int, default=200)
     sh = sub.add_parser(
         "ship", help="copy a trained base into mumu_core/mini/weights/base/NAME (float16 + hashes)"
     )
@@ -689,9 +717,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 lr=args.lr,
                 seed=args.seed,
-                warmup_steps=200 if args.cmd == "train" else 20,
+                ema_decay=args.ema_decay,
+                warmup_steps=args.warmup_steps if args.cmd == "train" else 20,
                 checkpoint_every=250 if args.cmd == "train" else 100,
             )
+            if args.cmd == "train":
+                cfg.init, cfg.min_snr_gamma = args.init, args.min_snr
+                if cfg.init is not None:
+                    load_t2i(cfg.init)  # a bad --init fails here, before anything is written
             if args.cmd == "finetune":
                 cfg.init, cfg.style, cfg.train_text_encoder = args.base, "framed", False
             print(f"model: {train_t2i(cfg)}")

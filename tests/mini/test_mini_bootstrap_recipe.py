@@ -64,6 +64,46 @@ def test_base_trains_resumes_exactly_and_loads_as_sdxl(tmp_path: Path, one_threa
     assert img.shape == (1, 24, 24, 3) and img.dtype == np.uint8
 
 
+def test_min_snr_weighting_caps_low_noise_steps_and_keeps_pure_noise() -> None:
+    from diffusers import DDIMScheduler
+
+    from mumu_core.presets import MINI
+
+    sched = DDIMScheduler(**MINI.scheduler)
+    t = torch.tensor([0, 500, 999])
+    pred, target = torch.zeros(3, 3, 4, 4), torch.ones(3, 3, 4, 4)
+    plain = T._weighted_loss(pred, target, t, sched, None)
+    assert plain.item() == pytest.approx(1.0)
+    ac = sched.alphas_cumprod[t]
+    snr = ac / (1 - ac)
+    assert snr[0] > 5 and snr[2] == 0  # the schedule ends at zero SNR
+    got = T._weighted_loss(pred, target, t, sched, 5.0)
+    expect = (5 / (snr[0] + 1) + min(snr[1], 5) / (snr[1] + 1) + 1.0) / 3
+    assert got.item() == pytest.approx(expect.item(), rel=1e-5)
+    assert got < plain
+
+
+def test_train_continues_from_a_base_folder_with_min_snr(tmp_path: Path, one_thread) -> None:
+    base = T.train_t2i(
+        T.T2ITrainConfig(out=tmp_path / "base", max_steps=1, batch_size=2), log=lambda _m: None
+    )
+    args = ["base-t2i", "train", "--init", str(base), "--out", str(tmp_path / "more"), "--max-steps", "1"]
+    args += ["--batch-size", "2", "--min-snr", "5", "--seed", "1", "--warmup-steps", "1"]
+    from mumu_core.mini.__main__ import main
+
+    assert main(args) == 0
+    hist = json.loads((tmp_path / "more" / "train.json").read_text())
+    assert hist["config"]["init"] == str(base) and hist["config"]["min_snr_gamma"] == 5.0
+    b, m = T.load_t2i(base), T.load_t2i(tmp_path / "more" / "model")
+    assert any(
+        not torch.equal(p, q)
+        for p, q in zip(b.unet.state_dict().values(), m.unet.state_dict().values(), strict=True)
+    )
+    # A missing --init folder fails before anything is written.
+    bad = ["base-t2i", "train", "--init", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]
+    assert main(bad) == 2 and not (tmp_path / "x").exists()
+
+
 def test_finetune_starts_from_the_base_and_freezes_clip(tmp_path: Path, one_thread) -> None:
     base = T.train_t2i(
         T.T2ITrainConfig(out=tmp_path / "base", max_steps=1, batch_size=2), log=lambda _m: None

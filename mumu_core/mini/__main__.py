@@ -32,7 +32,7 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "probe": ("probe", "conditioning probe: is an attribute in the conditioning or lost in the UNet"),
     "base-t2i": (
         "base_t2i",
-        "the mini text-to-image base and fine-tune: train, finetune, check (see its --help)",
+        "the mini text-to-image base and fine-tune: train, finetune, init, check, ship (see its --help)",
     ),
     "base-vlm": ("base_vlm", "the mini VLM base (Idefics2, perceiver in place): train, check, ship"),
 }

@@ -661,7 +661,7 @@ def ship_base(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m mumu_core.mini base-t2i {train,finetune,check}``."""
+    """``python -m mumu_core.mini base-t2i {train,finetune,init,check,ship}``."""
     import argparse
     import sys
 
@@ -694,6 +694,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 help="min-SNR-gamma loss weighting (e.g. 5); off by default",
             )
             t.add_argument("--warmup-steps", type=int, default=200)
+    ini = sub.add_parser(
+        "init",
+        help="write an untrained (random-init) base folder of the same architecture: the from-scratch "
+        "recipe's starting point (train/configs/mini_scratch.yaml)",
+    )
+    ini.add_argument("--out", type=Path, required=True, help="the folder to write (must not exist)")
+    ini.add_argument("--seed", type=int, default=0)
     sh = sub.add_parser(
         "ship", help="copy a trained base into mumu_core/mini/weights/base/NAME (float16 + hashes)"
     )
@@ -728,6 +735,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.cmd == "finetune":
                 cfg.init, cfg.style, cfg.train_text_encoder = args.base, "framed", False
             print(f"model: {train_t2i(cfg)}")
+            return 0
+        if args.cmd == "init":
+            if args.out.exists():
+                raise BaseModelError(f"{args.out} exists: choose a new --out (nothing was written)")
+            print(f"random-init base: {build_t2i(args.seed).save(args.out)}")
             return 0
         if args.cmd == "ship":
             info = {"command": args.command}

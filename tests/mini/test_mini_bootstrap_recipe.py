@@ -189,3 +189,17 @@ def test_mumu_stage_follows_table_1(tmp_path: Path, one_thread) -> None:
         a = runtime(x, t, encoder_hidden_states=ctx, added_cond_kwargs=add).sample
         b = fused(x, t, encoder_hidden_states=ctx, added_cond_kwargs=add).sample
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_init_writes_the_from_scratch_starting_point(tmp_path: Path, one_thread) -> None:
+    from mumu_core.mini.__main__ import main
+    from mumu_core.presets import MINI
+    from mumu_core.sdxl import load_sdxl
+
+    out = tmp_path / "random"
+    assert main(["base-t2i", "init", "--out", str(out)]) == 0
+    comps = load_sdxl(out, MINI)  # the trainer reads it as it reads the trained base
+    assert list(comps.unet.config.block_out_channels) == T.BASE_UNET["block_out_channels"]
+    before = sorted(p.name for p in out.rglob("*"))
+    assert main(["base-t2i", "init", "--out", str(out)]) == 2  # never overwrites
+    assert sorted(p.name for p in out.rglob("*")) == before

@@ -49,7 +49,7 @@ from .filters import (
 )
 
 # The bootstrap's part files and "finished" rule (shard + statistics with the same config fingerprint).
-from .pipeline import is_finished, part_paths, remove_stale_temp_files
+from .pipeline import finished_part_stats, is_finished, part_paths, remove_stale_temp_files
 from .shards import Sample, ShardWriter, iter_samples, write_bytes_atomic, write_json_atomic
 from .sources import Source, SourceItem
 
@@ -744,12 +744,10 @@ def write_manifest(
     """Counts per reason over every finished part (this run's and earlier runs')."""
     total = _empty_stats()
     shards, missing = [], []
-    for i in range(n_parts):
-        tar, st = part_paths(out, i)
-        if not (tar.is_file() and st.is_file()):
+    for i, s in finished_part_stats(out, n_parts):
+        if s is None:
             missing.append(i)
             continue
-        s = json.loads(st.read_text("utf-8"))
         total["images_in"] += s["images_in"]
         total["kept"] += s["kept"]
         for k, v in s["reasons"].items():

@@ -18,7 +18,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,6 +266,17 @@ def part_paths(out_dir: str | Path, index: int) -> tuple[Path, Path]:
     return out / f"shard-{index:06d}.tar", out / f"shard-{index:06d}.json"
 
 
+def finished_part_stats(out_dir: str | Path, n_parts: int) -> Iterator[tuple[int, dict | None]]:
+    """(index, statistics) of parts 0..n_parts-1; None for a part without both its shard and statistics.
+
+    bootstrap, synth, score and curate all write part i as ``shard-i.tar`` + ``shard-i.json``; their
+    manifests total the statistics of every finished part, this run's and earlier runs'.
+    """
+    for i in range(n_parts):
+        tar, st = part_paths(out_dir, i)
+        yield i, json.loads(st.read_text("utf-8")) if tar.is_file() and st.is_file() else None
+
+
 def is_finished(out_dir: str | Path, index: int, cfg: BootstrapConfig) -> bool:
     """A part is finished when its shard and statistics exist; a different config is an error."""
     tar, st = part_paths(out_dir, index)
@@ -491,10 +502,8 @@ def write_manifest(
     """Aggregate every finished part's statistics (this run's and earlier runs') into manifest.json."""
     total = _empty_stats()
     shards = []
-    for i in range(n_parts):
-        tar, st = part_paths(out, i)
-        if tar.is_file() and st.is_file():
-            s = json.loads(st.read_text("utf-8"))
+    for _, s in finished_part_stats(out, n_parts):
+        if s is not None:
             _merge_stats(total, s)
             shards.append({"shard": s["shard"], "images": s["images_out"], "bytes": s["shard_bytes"]})
     reasons = Counter(e["error"].split(":")[0] for e in total["errors"])

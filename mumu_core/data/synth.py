@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from .pickscore import PickScorer, check_clip_folder, check_processor_folder, histogram_png, resolve_device
-from .pipeline import is_finished, part_paths
+from .pipeline import finished_part_stats, is_finished, part_paths
 from .prompts import read_table
 from .shards import Sample, ShardWriter, ensure_writable_folder, write_json_atomic
 
@@ -585,10 +585,8 @@ def write_run_manifest(
     """Totals over every finished part, this run's line appended to ``runs``, and the histogram PNG."""
     total = _empty_stats()
     shards = []
-    for i in range(n_parts):
-        tar, st = part_paths(out, i)
-        if tar.is_file() and st.is_file():
-            s = json.loads(st.read_text("utf-8"))
+    for _, s in finished_part_stats(out, n_parts):
+        if s is not None:
             _merge(total, s)
             shards.append({"shard": s["shard"], "images": s["kept"], "bytes": s["shard_bytes"]})
     this = _empty_stats()

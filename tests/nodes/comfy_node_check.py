@@ -12,42 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sys
 import time
 import traceback
 
+from comfy_boot import boot_comfyui
+
 
 def main() -> None:
     comfy_dir, pack_dir, models_dir, vega_ckpt, work = (os.path.abspath(p) for p in sys.argv[1:6])
-    os.makedirs(work, exist_ok=True)
-    os.chdir(comfy_dir)
-    sys.path.insert(0, comfy_dir)
-    sys.argv = [sys.argv[0], "--cpu", "--output-directory", os.path.join(work, "output")]
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-
-    logs: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            logs.append(record.getMessage())
-
-    logging.getLogger().addHandler(Collect())
-    logging.getLogger().setLevel(logging.INFO)
+    logs = boot_comfyui(comfy_dir, models_dir, work)
 
     import folder_paths
-    import utils.extra_config
-
-    yaml = os.path.join(work, "extra_model_paths.yaml")
-    subs = sorted(d for d in os.listdir(models_dir) if os.path.isdir(os.path.join(models_dir, d)))
-    with open(yaml, "w") as f:
-        f.write(f"test:\n  base_path: {models_dir}\n" + "".join(f"  {d}: {d}/\n" for d in subs))
-    utils.extra_config.load_extra_path_config(yaml)
-    # Exports go to the first loras folder; keep them out of the ComfyUI checkout.
-    folder_paths.add_model_folder_path("loras", os.path.join(work, "loras"), is_default=True)
 
     import nodes as comfy_nodes
 

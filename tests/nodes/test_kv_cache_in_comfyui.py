@@ -3,11 +3,10 @@ the cache must handle, and off (with a log line) where it must not run. See comf
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
+from check_runner import run_check_script
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
@@ -19,25 +18,9 @@ ATOL = 1e-3
 @pytest.fixture(scope="module")
 def report(comfy_env, comfy_models, sdxl_checkpoint, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("comfy_kv_cache_check")
-    proc = subprocess.run(
-        [
-            str(comfy_env.python),
-            str(Path(__file__).with_name("comfy_kv_cache_check.py")),
-            str(comfy_env.comfy_dir),
-            str(REPO),
-            str(comfy_models),
-            str(sdxl_checkpoint),
-            str(work),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
+    return run_check_script(
+        "comfy_kv_cache_check.py", comfy_env, comfy_models, sdxl_checkpoint, work, timeout=1200
     )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and lines, (
-        f"check script failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
-    )
-    return json.loads(lines[-1])
 
 
 def _exact_and_used(case: dict, layers: int, rows: int = 1, zero_rows: int = 1) -> None:

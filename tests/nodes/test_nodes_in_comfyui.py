@@ -6,11 +6,10 @@ See comfy_node_check.py for what runs there; this file asserts on its JSON repor
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
+from check_runner import run_check_script
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
@@ -31,25 +30,9 @@ NODE_IDS = [
 @pytest.fixture(scope="module")
 def report(comfy_env, comfy_models, sdxl_checkpoint, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("comfy_node_check")
-    proc = subprocess.run(
-        [
-            str(comfy_env.python),
-            str(Path(__file__).with_name("comfy_node_check.py")),
-            str(comfy_env.comfy_dir),
-            str(REPO),
-            str(comfy_models),
-            str(sdxl_checkpoint),
-            str(work),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1800,  # ~2 min on an idle 2-core machine; far more when it is shared
+    data = run_check_script(
+        "comfy_node_check.py", comfy_env, comfy_models, sdxl_checkpoint, work, timeout=1800
     )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and lines, (
-        f"check script failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
-    )
-    data = json.loads(lines[-1])
     data["work"] = str(work)
     return data
 

@@ -162,6 +162,7 @@ class T2IModel:
         (tmp / "model_index.json").write_text(
             json.dumps({"_class_name": "MumuMiniTextToImage", "about": "python -m mumu_core.mini base-t2i"})
         )
+        _readable_tree(tmp)
         _replace_dir(tmp, folder)
         return folder
 
@@ -175,6 +176,15 @@ def _save_module(module: torch.nn.Module, path: Path, dtype: torch.dtype) -> Non
     module.save_pretrained(path, safe_serialization=True)
     module.to(torch.float32)
     module.load_state_dict(orig)
+
+
+def _readable_tree(root: Path) -> None:
+    """Files and folders as the umask allows: diffusers writes safetensors 0600 and mkdtemp makes 0700,
+    which would hide the weights from a ComfyUI service running as another user."""
+    from ..bundle import apply_umask
+
+    for f in [root, *root.rglob("*")]:
+        apply_umask(f, directory=f.is_dir())
 
 
 def _replace_dir(tmp: Path, folder: Path) -> None:
@@ -637,6 +647,7 @@ def ship_base(
         shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
         for f in sorted(tmp.rglob("*.safetensors")):
             _to_fp16_safetensors(f)
+        _readable_tree(tmp)
         dest = weights_dir / name
         if dest.exists():
             shutil.rmtree(dest)

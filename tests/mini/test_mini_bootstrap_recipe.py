@@ -5,6 +5,7 @@ connector fully trained, UNet LoRA rank 8, CLIP unused) through the real trainer
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,11 @@ def test_init_writes_the_from_scratch_starting_point(tmp_path: Path, one_thread)
     out = tmp_path / "random"
     assert main(["base-t2i", "init", "--out", str(out)]) == 0
     comps = load_sdxl(out, MINI)  # the trainer reads it as it reads the trained base
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for f in out.rglob("*"):  # readable by others as the umask allows (diffusers alone writes 0600)
+        want = (0o777 if f.is_dir() else 0o666) & ~umask
+        assert f.stat().st_mode & 0o777 == want, f
     assert list(comps.unet.config.block_out_channels) == T.BASE_UNET["block_out_channels"]
     before = sorted(p.name for p in out.rglob("*"))
     assert main(["base-t2i", "init", "--out", str(out)]) == 2  # never overwrites

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # MUMU-mini v2: the paper's findings as numbers (docs/MINI.md "Findings"), from trained exports.
 #   bash scripts/mini_findings.sh MODEL [OUT]
-# MODEL: an export folder (vlm/, sdxl/, mumu.safetensors), e.g. mumu_core/mini/weights/model (the shipped one)
+# MODEL: a model folder: a training export (vlm/, sdxl/, mumu.safetensors) or the shipped kind,
+#        mumu_core/mini/weights/model (mumu.safetensors + bases.json naming its base folders)
 # OUT:   results folder (default runs/findings); each evaluation writes OUT/<name>/results.{json,md} + sheets.
 # Environment (optional comparisons, each skipped when unset):
 #   FINETUNE=DIR         the mini community fine-tune (default runs/finetune/model; made when missing by its
@@ -19,9 +20,19 @@ MODEL=${1:?usage: bash scripts/mini_findings.sh MODEL [OUT]}
 OUT=${2:-runs/findings}
 FINETUNE=${FINETUNE:-runs/finetune/model}
 N=(--n-single "${N_SINGLE:-96}" --n-pair "${N_PAIR:-60}" --n-style "${N_STYLE:-48}")
-for f in vlm sdxl mumu.safetensors; do
-  [ -e "$MODEL/$f" ] || { echo "error: $MODEL/$f is missing: MODEL must be a training export (vlm/, sdxl/, mumu.safetensors)" >&2; exit 2; }
-done
+# A model folder is a training export (vlm/, sdxl/, mumu.safetensors) or the shipped kind (mumu.safetensors +
+# bases.json naming its base folders); resolve its three parts, with the loader's own message when incomplete.
+paths() {  # paths DIR -> its VLM, SDXL and BUNDLE paths, one per line
+  python -c 'import sys
+from mumu_core.mini.demo import MiniModelError, model_paths
+try:
+    p = model_paths(sys.argv[1])
+except MiniModelError as e:
+    sys.exit(f"error: {e}")
+print(p.vlm, p.sdxl, p.bundle, sep="\n")' "$1"
+}
+parts=$(paths "$MODEL") || exit 2
+{ read -r M_VLM; read -r M_SDXL; read -r M_BUNDLE; } <<< "$parts"
 mkdir -p "$OUT"
 ev() {  # ev NAME VLM BUNDLE SDXL [evaluate args...]
   local name=$1 vlm=$2 bundle=$3 sdxl=$4; shift 4
@@ -31,13 +42,17 @@ ev() {  # ev NAME VLM BUNDLE SDXL [evaluate args...]
   echo "wrote $OUT/$name"
 }
 # Single / text-only / pair / style at the demo guidance 1.5 and a sweep; tokens per image at 1.5 (Finding 1-3).
-ev main "$MODEL/vlm" "$MODEL/mumu.safetensors" "$MODEL/sdxl" --guidance-sweep 1.0 3.0 --tokens-demo-only
+ev main "$M_VLM" "$M_BUNDLE" "$M_SDXL" --guidance-sweep 1.0 3.0 --tokens-demo-only
 if [ -n "${PERCEIVER_KEPT:-}" ]; then
-  ev perceiver_kept "$PERCEIVER_KEPT/vlm" "$PERCEIVER_KEPT/mumu.safetensors" "$PERCEIVER_KEPT/sdxl" \
+  parts=$(paths "$PERCEIVER_KEPT") || exit 2
+  { read -r K_VLM; read -r K_SDXL; read -r K_BUNDLE; } <<< "$parts"
+  ev perceiver_kept "$K_VLM" "$K_BUNDLE" "$K_SDXL" \
     --suites single tokens pair --guidance-sweep --tokens-demo-only
 fi
 if [ -n "${SCRATCH:-}" ]; then
-  ev scratch "$SCRATCH/vlm" "$SCRATCH/mumu.safetensors" "$SCRATCH/sdxl" --suites single pair style --guidance-sweep
+  parts=$(paths "$SCRATCH") || exit 2
+  { read -r S_VLM; read -r S_SDXL; read -r S_BUNDLE; } <<< "$parts"
+  ev scratch "$S_VLM" "$S_BUNDLE" "$S_SDXL" --suites single pair style --guidance-sweep
 fi
 if [ ! -d "$FINETUNE/unet" ] && [ "$FINETUNE" = runs/finetune/model ]; then
   python -m mumu_core.mini base-t2i finetune --base mumu_core/mini/weights/base/t2i --out runs/finetune
@@ -45,8 +60,8 @@ fi
 if [ -d "$FINETUNE/unet" ]; then
   # Finding 4: the fine-tune alone (its look, text-only), and MODEL's UNet LoRA merged into it.
   merged="$OUT/finetune_merged"
-  [ -d "$merged" ] || python -m mumu_core fuse --bundle "$MODEL/mumu.safetensors" --sdxl "$FINETUNE" --out "$merged"
-  ev merged_finetune "$MODEL/vlm" "$MODEL/mumu.safetensors" "$merged" --suites single pair style \
+  [ -d "$merged" ] || python -m mumu_core fuse --bundle "$M_BUNDLE" --sdxl "$FINETUNE" --out "$merged"
+  ev merged_finetune "$M_VLM" "$M_BUNDLE" "$merged" --suites single pair style \
     --guidance-sweep --generator-arg lora_scale=0
 fi
 python -m mumu_core.mini.evaluate --summarise "$OUT"/*/results.json > "$OUT/summary.md"

@@ -149,3 +149,19 @@ def test_demo_assets_are_reproducible(tmp_path: Path) -> None:
 def test_demo_on_a_missing_model_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert main(["demo", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "nothing")]) == 2
     assert "not a complete MUMU-mini model" in capsys.readouterr().err
+
+
+def test_findings_script_refuses_an_incomplete_model_folder(tmp_path: Path) -> None:
+    import subprocess
+
+    root = Path(__file__).parents[2]
+    (tmp_path / "model").mkdir()
+    res = subprocess.run(
+        ["bash", str(root / "scripts" / "mini_findings.sh"), str(tmp_path / "model"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "not a complete MUMU-mini model" in res.stderr and "bases.json" in res.stderr
+    assert not (tmp_path / "out").exists()  # nothing written before the check

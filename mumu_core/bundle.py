@@ -490,6 +490,14 @@ def apply_umask(path: str | Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
+def apply_umask_tree(root: str | Path) -> None:
+    """:func:`apply_umask` on a folder and everything below it: mkdtemp (0700), safetensors and diffusers
+    (0600) leave written models private, and a ComfyUI service running as another user must read them."""
+    root = Path(root)
+    for p in [root, *root.rglob("*")]:
+        apply_umask(p, directory=p.is_dir())
+
+
 def _atomic_save(save_file, tensors: dict, path: Path, metadata: dict[str, str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -605,8 +613,7 @@ def _fuse_into_folder(bundle: MumuBundle, sdxl_dir: Path, out_dir: Path, scale: 
                 {**(bundle.meta.unet_lora or {}), "scale": scale, "base": str(sdxl_dir)}, sort_keys=True
             )
         )
-        for p in [tmp, *tmp.rglob("*")]:
-            apply_umask(p, directory=p.is_dir())
+        apply_umask_tree(tmp)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -64,7 +64,7 @@ def export(
     prediction_type: str,
 ) -> Path | None:
     """Write the exports of the current weights. Returns the folder on rank 0, None elsewhere."""
-    from mumu_core.bundle import export_kohya_unet_lora, make_bundle, save_bundle
+    from mumu_core.bundle import apply_umask_tree, export_kohya_unet_lora, make_bundle, save_bundle
     from mumu_core.connector import MumuConnector
 
     model = built.model
@@ -122,23 +122,13 @@ def export(
             write_vlm_folder(Path(cfg.model.vlm), _strip(state, "encoder.vlm."), tmp / "vlm")
         if full_unet:
             write_sdxl_folder(built, _strip(state, "unet."), tmp / "sdxl")
-        _apply_umask_tree(tmp)
+        apply_umask_tree(tmp)  # mkdtemp / safetensors leave it private
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         dist.barrier()
     return out
-
-
-def _apply_umask_tree(root: Path) -> None:
-    """mkdtemp and safetensors create private files (0700 / 0600); exports get the umask's modes, so a
-    ComfyUI service running as another user can read them."""
-    from mumu_core.bundle import apply_umask
-
-    apply_umask(root, directory=True)
-    for p in root.rglob("*"):
-        apply_umask(p, directory=p.is_dir())
 
 
 def write_vlm_folder(base: Path, trained: dict[str, torch.Tensor], dest: Path) -> None:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..bundle import apply_umask_tree
 from ..cli_help import plain
 from ..conditioning import add_time_ids
 from ..presets import MINI
@@ -162,7 +163,7 @@ class T2IModel:
         (tmp / "model_index.json").write_text(
             json.dumps({"_class_name": "MumuMiniTextToImage", "about": "python -m mumu_core.mini base-t2i"})
         )
-        _readable_tree(tmp)
+        apply_umask_tree(tmp)  # diffusers writes safetensors 0600, mkdtemp 0700
         _replace_dir(tmp, folder)
         return folder
 
@@ -176,15 +177,6 @@ def _save_module(module: torch.nn.Module, path: Path, dtype: torch.dtype) -> Non
     module.save_pretrained(path, safe_serialization=True)
     module.to(torch.float32)
     module.load_state_dict(orig)
-
-
-def _readable_tree(root: Path) -> None:
-    """Files and folders as the umask allows: diffusers writes safetensors 0600 and mkdtemp makes 0700,
-    which would hide the weights from a ComfyUI service running as another user."""
-    from ..bundle import apply_umask
-
-    for f in [root, *root.rglob("*")]:
-        apply_umask(f, directory=f.is_dir())
 
 
 def _replace_dir(tmp: Path, folder: Path) -> None:
@@ -647,7 +639,7 @@ def ship_base(
         shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
         for f in sorted(tmp.rglob("*.safetensors")):
             _to_fp16_safetensors(f)
-        _readable_tree(tmp)
+        apply_umask_tree(tmp)  # diffusers writes safetensors 0600, mkdtemp 0700
         dest = weights_dir / name
         if dest.exists():
             shutil.rmtree(dest)

@@ -224,10 +224,9 @@ def ship(
         if fp16:
             for p in sorted(tmp.rglob("*.safetensors")):
                 _to_fp16_safetensors(p)
-        from ..bundle import apply_umask
+        from ..bundle import apply_umask_tree
 
-        for f in [tmp, *tmp.rglob("*")]:  # readable by others, as the umask allows (mkdtemp gives 0700)
-            apply_umask(f, directory=f.is_dir())
+        apply_umask_tree(tmp)  # readable by others, as the umask allows (mkdtemp gives 0700)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)

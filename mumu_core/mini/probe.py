@@ -2,15 +2,22 @@
 
 A linear probe (multinomial logistic regression) is fitted on a trained MUMU-mini model's conditioning
 of held-out single-object prompts ("a <image>shape on a background") and predicts the reference's
-colour and shape from it. If the probe reads an attribute from the conditioning but the generated
-images do not show it (``mumu_core.mini.evaluate``), the UNet is what fails to render it.
+colour and shape from it; likewise the background style from prompts whose reference is a style patch
+("a shape on a <image>background"). If the probe reads an attribute from the conditioning but the
+generated images do not show it (``mumu_core.mini.evaluate``), the UNet is what fails to render it.
 
     python -m mumu_core.mini.probe --model mumu_core/mini/weights/model --out runs/mini/probe.json
+    python -m mumu_core.mini.probe --model ... --generate 24    # + the style drawn by word vs reference
 
 Features: the flattened context (every token, since all prompts have the same length), the pooled
-vector, and as a floor the prepared reference pixels (a linear read-out of raw pixels cannot tell
-shapes apart). Probes are fitted on the first ``n_train`` cases and scored on the rest; everything is
-seeded, so the numbers are reproducible.
+vector, the frozen vision tower's tokens of the reference, and as a floor the prepared reference pixels
+(a linear read-out of raw pixels cannot tell shapes apart). Probes are fitted on the first ``n_train``
+cases and scored on the rest; everything is seeded, so the numbers are reproducible.
+
+``--generate N`` also draws N images per condition and guidance and scores their background style
+with the analyser: the style named by WORD (no reference), word and reference, and reference only (the
+evaluation's Finding 3 prompt). Style read by the probe but drawn only from words means the UNet side
+never learned to read it from the image tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 
 from ..cli_help import first_line
 from ..prompt import ImageRef, InterleavedPrompt, prepare_image
-from .world import COLOURS, SHAPES, object_crop, scene_at
+from .world import COLOURS, SHAPES, STYLES, build_caption, interleave, object_crop, scene_at, style_reference
 
 # Far above the evaluation's indices (the demo uses 900000+), inside the held-out eval split.
 PROBE_START = 500_000
@@ -38,7 +45,10 @@ class ProbeResult:
     n_test: int
     chance_colour: float
     chance_shape: float
+    chance_style: float
     accuracy: dict[str, dict[str, float]]  # feature -> attribute -> held-out accuracy
+    # condition ("word", "word+reference", "reference") -> guidance -> style drawn; empty unless asked
+    style_drawn: dict[str, dict[str, float]]
 
 
 def probe_cases(count: int, tokens: int) -> tuple[list[InterleavedPrompt], np.ndarray, np.ndarray]:
@@ -53,6 +63,27 @@ def probe_cases(count: int, tokens: int) -> tuple[list[InterleavedPrompt], np.nd
         colours.append(COLOURS.index(obj.colour))
         shapes.append(SHAPES.index(obj.shape))
     return prompts, np.array(colours), np.array(shapes)
+
+
+def style_prompt(image, style_word: str | None, tokens: int) -> InterleavedPrompt:
+    """ "a shape on a [<style>] <image>background": the reference right before "background", as the
+    bootstrapped data put it; no image: the style named by word only."""
+    caption = build_caption(["shape"], f"{style_word} background" if style_word else "background")[0]
+    if image is None:
+        return InterleavedPrompt((caption,))
+    at = len(caption) - len("background")
+    return InterleavedPrompt.parse(interleave(caption, [(at, "")], sep=""), [image], tokens_per_image=tokens)
+
+
+def style_probe_cases(count: int, tokens: int) -> tuple[list[InterleavedPrompt], np.ndarray]:
+    """Held-out prompts whose only reference is a background-style patch; styles cycle."""
+    prompts, styles = [], []
+    for i in range(count):
+        style = STYLES[i % len(STYLES)]
+        scene = scene_at("eval", PROBE_START + i, n_objects=1, style=style, require_style_box=True)
+        prompts.append(style_prompt(style_reference(scene), None, tokens))
+        styles.append(STYLES.index(style))
+    return prompts, np.array(styles)
 
 
 def linear_probe(
@@ -74,7 +105,14 @@ def linear_probe(
         return (lin(x[n_train:]).argmax(1) == y[n_train:]).float().mean().item()
 
 
-def run_probe(model: str | Path, count: int = 700, n_train: int = 500, tokens: int = 16) -> ProbeResult:
+def run_probe(
+    model: str | Path,
+    count: int = 700,
+    n_train: int = 500,
+    tokens: int = 16,
+    generate: int = 0,
+    guidances: Sequence[float] = (1.5, 3.0),
+) -> ProbeResult:
     from ..pipeline import MumuPipeline
     from .demo import model_paths
 
@@ -82,25 +120,55 @@ def run_probe(model: str | Path, count: int = 700, n_train: int = 500, tokens: i
         raise ValueError(f"n_train must be between 0 and count ({count}), got {n_train}")
     paths = model_paths(model)  # an export (vlm/, sdxl/) or the shipped bundle + bases.json
     pipe = MumuPipeline.from_paths(paths.vlm, paths.bundle, paths.sdxl)
-    prompts, colours, shapes = probe_cases(count, tokens)
-    context, pooled = [], []
-    with torch.no_grad():
-        for p in prompts:  # one at a time, as the pipeline encodes
-            c = pipe.conditioner.encode([p])
-            context.append(c.context[0].flatten().float())
-            pooled.append(c.pooled[0].float())
-    pixels = [
-        torch.from_numpy(np.asarray(prepare_image(p.images[0].image, tokens), dtype=np.float32).ravel() / 255)
-        for p in prompts
-    ]
-    accuracy = {}
-    for name, feats in (("context", context), ("pooled", pooled), ("pixels", pixels)):
-        f = torch.stack(feats)
-        accuracy[name] = {
-            "colour": linear_probe(f, colours, n_train, len(COLOURS)),
-            "shape": linear_probe(f, shapes, n_train, len(SHAPES)),
+    encoder = pipe.conditioner.encoder
+
+    def features(prompts: Sequence[InterleavedPrompt]) -> dict[str, torch.Tensor]:
+        context, pooled, vision, pixels = [], [], [], []
+        with torch.no_grad():
+            for p in prompts:  # one at a time, as the pipeline encodes
+                c = pipe.conditioner.encode([p])
+                context.append(c.context[0].flatten().float())
+                pooled.append(c.pooled[0].float())
+                px = encoder.pixels(p.images[0])[None].to(encoder.dtype)
+                vision.append(encoder.vlm.vision_model(pixel_values=px).last_hidden_state.flatten().float())
+                img = prepare_image(p.images[0].image, tokens)
+                pixels.append(torch.from_numpy(np.asarray(img, dtype=np.float32).ravel() / 255))
+        return {
+            name: torch.stack(f)
+            for name, f in (("context", context), ("pooled", pooled), ("vision", vision), ("pixels", pixels))
         }
-    return ProbeResult(n_train, count - n_train, 1 / len(COLOURS), 1 / len(SHAPES), accuracy)
+
+    prompts, colours, shapes = probe_cases(count, tokens)
+    style_prompts, styles = style_probe_cases(count, tokens)
+    objects, backgrounds = features(prompts), features(style_prompts)
+    accuracy = {
+        name: {
+            "colour": linear_probe(objects[name], colours, n_train, len(COLOURS)),
+            "shape": linear_probe(objects[name], shapes, n_train, len(SHAPES)),
+            "style": linear_probe(backgrounds[name], styles, n_train, len(STYLES)),
+        }
+        for name in objects
+    }
+    drawn: dict[str, dict[str, float]] = {}
+    if generate:
+        from .analyser import Analyser
+
+        analyser = Analyser.load()
+        refs = [p.images[0].image for p in style_prompts[:generate]]
+        named = [STYLES[k] for k in styles[:generate]]
+        conditions = {
+            "word": [style_prompt(None, s, tokens) for s in named],
+            "word+reference": [style_prompt(r, s, tokens) for r, s in zip(refs, named)],
+            "reference": style_prompts[:generate],
+        }
+        for cond, ps in conditions.items():
+            for g in guidances:
+                images = pipe(ps, seed=0, guidance=g, progress=False)
+                got = np.array([int(np.argmax(a.style_probs)) for a in analyser.analyse(images)])
+                drawn.setdefault(cond, {})[f"{g:g}"] = float((got == styles[:generate]).mean())
+    return ProbeResult(
+        n_train, count - n_train, 1 / len(COLOURS), 1 / len(SHAPES), 1 / len(STYLES), accuracy, drawn
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,15 +177,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=700)
     ap.add_argument("--n-train", type=int, default=500)
     ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument(
+        "--generate",
+        type=int,
+        default=0,
+        help="also draw this many images per style condition (word / word+reference / reference) and guidance",
+    )
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
     args = ap.parse_args(argv)
-    result = run_probe(args.model, args.count, args.n_train, args.tokens)
+    result = run_probe(args.model, args.count, args.n_train, args.tokens, args.generate)
     print(
         f"linear probe, held-out accuracy ({result.n_test} cases; chance colour {result.chance_colour:.2f}, "
-        f"shape {result.chance_shape:.2f})"
+        f"shape {result.chance_shape:.2f}, style {result.chance_style:.2f})"
     )
     for name, acc in result.accuracy.items():
-        print(f"  {name:8s} colour {acc['colour']:.2f}  shape {acc['shape']:.2f}")
+        print(f"  {name:8s} colour {acc['colour']:.2f}  shape {acc['shape']:.2f}  style {acc['style']:.2f}")
+    for cond, by_g in result.style_drawn.items():
+        rates = ", ".join(f"{v:.2f} at guidance {g}" for g, v in by_g.items())
+        print(f"  background style drawn, {cond}: {rates}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": str(args.model), **asdict(result)}, indent=2))

@@ -27,14 +27,44 @@ def test_probe_cases_are_held_out_and_balanced_enough() -> None:
     assert set(colours) == set(range(6)) and set(shapes) == set(range(4))
 
 
-def test_shipped_model_conditioning_carries_colour_and_shape(tmp_path, one_thread) -> None:
+def test_style_prompts_put_the_reference_before_background() -> None:
+    prompts, styles = P.style_probe_cases(30, 16)
+    assert all(p.to_text() == "a shape on a <image1>background" for p in prompts)
+    assert sorted(set(styles)) == [0, 1, 2] and np.bincount(styles).tolist() == [10, 10, 10]
+    word = P.style_prompt(None, "textured", 16)
+    assert word.to_text() == "a shape on a textured background" and not word.images
+    both = P.style_prompt(prompts[0].images[0].image, "flat", 16)
+    assert both.to_text() == "a shape on a flat <image1>background"
+
+
+def test_shipped_model_conditioning_carries_colour_shape_and_style(tmp_path, one_thread) -> None:
     result = P.run_probe(D.MODEL_DIR, count=300, n_train=200)
     ctx, pixels = result.accuracy["context"], result.accuracy["pixels"]
     assert ctx["colour"] >= 0.9 and ctx["shape"] >= 0.7, result
-    # Raw pixels are the floor: shape is not linear in them, so the encoder did the work.
+    # Raw pixels are the floor: shape and style are not linear in them, so the encoder did the work.
     assert ctx["shape"] >= pixels["shape"] + 0.3, result
+    assert ctx["style"] >= 0.55 and ctx["style"] >= pixels["style"] + 0.2, result
+    assert not result.style_drawn
     out = tmp_path / "probe.json"
-    assert P.main(["--model", str(D.MODEL_DIR), "--count", "60", "--n-train", "40", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["n_test"] == 20
+    args = [
+        "--model",
+        str(D.MODEL_DIR),
+        "--count",
+        "60",
+        "--n-train",
+        "40",
+        "--generate",
+        "3",
+        "--out",
+        str(out),
+    ]
+    assert P.main(args) == 0
+    written = json.loads(out.read_text())
+    assert written["n_test"] == 20
+    drawn = written["style_drawn"]
+    assert set(drawn) == {"word", "word+reference", "reference"}
+    assert all(
+        set(v) == {"1.5", "3"} and all(r in (0, 1 / 3, 2 / 3, 1) for r in v.values()) for v in drawn.values()
+    )
     with pytest.raises(ValueError, match="n_train"):
         P.run_probe(D.MODEL_DIR, count=10, n_train=10)

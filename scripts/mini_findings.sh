@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # MUMU-mini v2: the paper's findings as numbers (docs/MINI.md "Findings"), from trained exports.
 #   bash scripts/mini_findings.sh MODEL [OUT]
-# MODEL: a model folder: a training export (vlm/, sdxl/, mumu.safetensors) or the shipped kind,
+# MODEL: a model folder: a training export (vlm/, sdxl/, mumu.safetensors; a LoRA run's export, the bundle
+#        only, takes its bases from the run's config.json) or the shipped kind,
 #        mumu_core/mini/weights/model (mumu.safetensors + bases.json naming its base folders)
 # OUT:   results folder (default runs/findings); each evaluation writes OUT/<name>/results.{json,md} + sheets.
 # Environment (optional comparisons, each skipped when unset):

@@ -82,20 +82,26 @@ def model_paths(root: str | Path = MODEL_DIR) -> MiniModelPaths:
 
     An export holds ``vlm/``, ``sdxl/`` and ``mumu.safetensors``. The shipped model holds only the bundle
     and ``bases.json``, which names the base folders it was trained on (relative to the model folder,
-    ``../base/vlm`` and ``../base/t2i``): under LoRA the bases are not changed, so they are not copied.
+    ``../base/vlm`` and ``../base/t2i``): under LoRA the bases are not changed, so they are not copied. A
+    LoRA run's export (``out_dir/export/step_N``: the bundle only) resolves its bases from the run's
+    ``out_dir/config.json`` (paths as given to the trainer, relative to its working directory).
     """
     root = Path(root)
     vlm, sdxl = root / "vlm", root / "sdxl"
     if (root / BASES_FILE).is_file():
         bases = json.loads((root / BASES_FILE).read_text())
         vlm, sdxl = (root / bases["vlm"]).resolve(), (root / bases["sdxl"]).resolve()
+    elif not (vlm.is_dir() or sdxl.is_dir()) and (root.parent.parent / "config.json").is_file():
+        # A LoRA run's export (out_dir/export/step_N) is the bundle only: its bases are in the run's config.
+        vlm, sdxl = _trained_bases(root)
     paths = MiniModelPaths(vlm, sdxl, root / "mumu.safetensors")
     missing = [str(p) for p in (paths.vlm, paths.sdxl, paths.bundle) if not p.exists()]
     if missing:
         raise MiniModelError(
             f"{root} is not a complete MUMU-mini model: missing {missing}. It needs vlm/ (Idefics2 folder), "
             "sdxl/ (diffusers unet/ vae/ scheduler/) and mumu.safetensors, as written by python -m train "
-            f"(out_dir/export/step_N), or mumu.safetensors + {BASES_FILE} naming the base folders; the shipped "
+            f"(out_dir/export/step_N; a LoRA run's export takes its bases from the run's config.json), or "
+            f"mumu.safetensors + {BASES_FILE} naming the base folders; the shipped "
             "one is made by `python -m mumu_core.mini ship` (bash scripts/train_mini.sh trains one)"
         )
     return paths

@@ -98,6 +98,21 @@ def test_model_paths_names_what_is_missing(tmp_path: Path) -> None:
         D.model_paths(tmp_path)
 
 
+def test_model_paths_of_a_lora_export_come_from_its_runs_config(tmp_path: Path) -> None:
+    # python -m train's LoRA export holds the bundle only; the run's config names the bases it trained on.
+    export = tmp_path / "run" / "export" / "step_00000010"
+    export.mkdir(parents=True)
+    (export / "mumu.safetensors").write_bytes(b"")
+    vlm, sdxl = tmp_path / "bases" / "vlm", tmp_path / "bases" / "t2i"
+    config = {"model": {"vlm": str(vlm), "sdxl": str(sdxl)}}
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(D.MiniModelError, match="config.json"):  # bases named but absent
+        D.model_paths(export)
+    vlm.mkdir(parents=True)
+    sdxl.mkdir()
+    assert D.model_paths(export) == D.MiniModelPaths(vlm, sdxl, export / "mumu.safetensors")
+
+
 def test_demo_command_writes_pngs_sheet_and_summary(tmp_path: Path, one_thread, capsys) -> None:
     prompts = D.load_demo_prompts()
     assert any(len(p.images) == 2 and "ref2" in p.images[1] for p in prompts), "a two-crop prompt"

@@ -66,8 +66,8 @@ def probe_cases(count: int, tokens: int) -> tuple[list[InterleavedPrompt], np.nd
 
 
 def style_prompt(image, style_word: str | None, tokens: int) -> InterleavedPrompt:
-    """ "a shape on a [<style>] <image>background": the reference right before "background", as the
-    bootstrapped data put it; no image: the style named by word only."""
+    """The prompt 'a shape on a [<style>] <image>background': the reference right before "background", as
+    the bootstrapped data put it; without an image, the style named by word only."""
     caption = build_caption(["shape"], f"{style_word} background" if style_word else "background")[0]
     if image is None:
         return InterleavedPrompt((caption,))
@@ -118,6 +118,8 @@ def run_probe(
 
     if not 0 < n_train < count:
         raise ValueError(f"n_train must be between 0 and count ({count}), got {n_train}")
+    if not 0 <= generate <= count:
+        raise ValueError(f"generate must be between 0 and count ({count}), got {generate}")
     paths = model_paths(model)  # an export (vlm/, sdxl/) or the shipped bundle + bases.json
     pipe = MumuPipeline.from_paths(paths.vlm, paths.bundle, paths.sdxl)
     encoder = pipe.conditioner.encoder

@@ -66,5 +66,7 @@ def test_shipped_model_conditioning_carries_colour_shape_and_style(tmp_path, one
     assert all(
         set(v) == {"1.5", "3"} and all(r in (0, 1 / 3, 2 / 3, 1) for r in v.values()) for v in drawn.values()
     )
+    with pytest.raises(ValueError, match="generate"):
+        P.run_probe(D.MODEL_DIR, count=10, n_train=5, generate=11)
     with pytest.raises(ValueError, match="n_train"):
         P.run_probe(D.MODEL_DIR, count=10, n_train=10)

@@ -12,7 +12,8 @@ generated images do not show it (``mumu_core.mini.evaluate``), the UNet is what 
 Features: the flattened context (every token, since all prompts have the same length), the pooled
 vector, the frozen vision tower's tokens of the reference, and as a floor the prepared reference pixels
 (a linear read-out of raw pixels cannot tell shapes apart). Probes are fitted on the first ``n_train``
-cases and scored on the rest; everything is seeded, so the numbers are reproducible.
+cases and scored on the rest; everything is seeded, so the numbers are reproducible. Each feature's
+relative spread (distance to the centroid over the norm) says how much the references move it at all.
 
 ``--generate N`` also draws N images per condition and guidance and scores their background style
 with the analyser: the style named by WORD (no reference), word and reference, and reference only (the
@@ -47,6 +48,9 @@ class ProbeResult:
     chance_shape: float
     chance_style: float
     accuracy: dict[str, dict[str, float]]  # feature -> attribute -> held-out accuracy
+    # feature -> {"objects", "backgrounds"} -> relative spread (mean distance to the centroid / mean norm)
+    # over the object-prompt and background-prompt cases: how much the references move each feature
+    spread: dict[str, dict[str, float]]
     # condition ("word", "word+reference", "reference") -> guidance -> style drawn; empty unless asked
     style_drawn: dict[str, dict[str, float]]
 
@@ -105,6 +109,14 @@ def linear_probe(
         return (lin(x[n_train:]).argmax(1) == y[n_train:]).float().mean().item()
 
 
+def relative_spread(features: torch.Tensor) -> float:
+    """Mean distance of the rows to their centroid, over their mean norm: 0 when every reference gives
+    the same feature. A probe can still read an attribute from a tiny spread, but a UNet trained for
+    minutes on that input barely sees it."""
+    x = features.double()
+    return float((x - x.mean(0)).norm(dim=1).mean() / x.norm(dim=1).mean().clamp_min(1e-12))
+
+
 def run_probe(
     model: str | Path,
     count: int = 700,
@@ -151,6 +163,10 @@ def run_probe(
         }
         for name in objects
     }
+    spread = {
+        name: {"objects": relative_spread(objects[name]), "backgrounds": relative_spread(backgrounds[name])}
+        for name in objects
+    }
     drawn: dict[str, dict[str, float]] = {}
     if generate:
         from .analyser import Analyser
@@ -169,7 +185,7 @@ def run_probe(
                 got = np.array([int(np.argmax(a.style_probs)) for a in analyser.analyse(images)])
                 drawn.setdefault(cond, {})[f"{g:g}"] = float((got == styles[:generate]).mean())
     return ProbeResult(
-        n_train, count - n_train, 1 / len(COLOURS), 1 / len(SHAPES), 1 / len(STYLES), accuracy, drawn
+        n_train, count - n_train, 1 / len(COLOURS), 1 / len(SHAPES), 1 / len(STYLES), accuracy, spread, drawn
     )
 
 
@@ -193,7 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"shape {result.chance_shape:.2f}, style {result.chance_style:.2f})"
     )
     for name, acc in result.accuracy.items():
-        print(f"  {name:8s} colour {acc['colour']:.2f}  shape {acc['shape']:.2f}  style {acc['style']:.2f}")
+        sp = result.spread[name]
+        print(
+            f"  {name:8s} colour {acc['colour']:.2f}  shape {acc['shape']:.2f}  style {acc['style']:.2f}"
+            f"   spread: objects {sp['objects']:.3f}, backgrounds {sp['backgrounds']:.3f}"
+        )
     for cond, by_g in result.style_drawn.items():
         rates = ", ".join(f"{v:.2f} at guidance {g}" for g, v in by_g.items())
         print(f"  background style drawn, {cond}: {rates}")

@@ -21,6 +21,16 @@ def test_linear_probe_reads_a_linear_label_and_not_noise() -> None:
     assert P.linear_probe(noise, labels, 300, 4) < 0.45  # chance 0.25
 
 
+def test_relative_spread_is_zero_for_identical_rows_and_scales_with_the_differences() -> None:
+    same = torch.ones(10, 5)
+    assert P.relative_spread(same) == 0.0
+    rng = np.random.default_rng(0)
+    base = torch.from_numpy(rng.normal(size=(1, 64)) * 10)
+    small = base + torch.from_numpy(rng.normal(size=(50, 64)))
+    large = base + torch.from_numpy(rng.normal(size=(50, 64)) * 5)
+    assert 0 < P.relative_spread(small) < P.relative_spread(large) < 1
+
+
 def test_probe_cases_are_held_out_and_balanced_enough() -> None:
     prompts, colours, shapes = P.probe_cases(120, 16)
     assert all(p.to_text() == "a <image1>shape on a background" and p.images[0].tokens == 16 for p in prompts)
@@ -45,6 +55,8 @@ def test_shipped_model_conditioning_carries_colour_shape_and_style(tmp_path, one
     assert ctx["shape"] >= pixels["shape"] + 0.3, result
     assert ctx["style"] >= 0.55 and ctx["style"] >= pixels["style"] + 0.2, result
     assert not result.style_drawn
+    assert set(result.spread) == set(result.accuracy)
+    assert all(0 < v["objects"] < 2 and 0 < v["backgrounds"] < 2 for v in result.spread.values()), result
     out = tmp_path / "probe.json"
     args = [
         "--model",

@@ -7,4 +7,12 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
 ruff format --check .
-python -m pytest -q "$@"
+# Two pytest workers (pytest-xdist), one per core: the suite is single-threaded CPU work, so this about
+# halves the wall time. --dist loadfile keeps each file on one worker (its module fixtures, such as one
+# ComfyUI run checked by several tests, are built once); one intra-op thread per worker.
+# MUMU_TEST_WORKERS=0 runs everything in this process (e.g. for pdb).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+workers=${MUMU_TEST_WORKERS:-2}
+xdist=()
+[ "$workers" = 0 ] || xdist=(-n "$workers" --dist loadfile)
+python -m pytest -q "${xdist[@]}" "$@"

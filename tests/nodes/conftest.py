@@ -12,8 +12,11 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +62,7 @@ def make_vega_checkpoint(env: ComfyEnv, path: Path) -> None:
     if not script.is_file():
         pytest.skip(f"no SDXL checkpoint: set MUMU_TEST_SDXL_CKPT or MUMU_COMFY_HARNESS ({script} missing)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     cmd = [
         str(env.python),
         str(script),
@@ -72,6 +75,19 @@ def make_vega_checkpoint(env: ComfyEnv, path: Path) -> None:
     ]
     subprocess.run(cmd, check=True)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """Holds an exclusive lock beside ``path``: pytest-xdist workers (scripts/test.sh runs two) share the
+    cache, and only one may make the 1.7 GB checkpoint while the others wait for it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")
@@ -91,11 +107,14 @@ def sdxl_checkpoint(comfy_env: ComfyEnv) -> Path:
             )
         return path
     path = CHECKPOINT_CACHE
-    if not path.is_file() or dead_norm_scales(path):
-        make_vega_checkpoint(comfy_env, path)
-        dead = dead_norm_scales(path)
-        if dead:
-            pytest.fail(f"{path} was just made but its norm scales {dead} are zero: update the comfy-harness")
+    with cache_lock(path):
+        if not path.is_file() or dead_norm_scales(path):
+            make_vega_checkpoint(comfy_env, path)
+            dead = dead_norm_scales(path)
+            if dead:
+                pytest.fail(
+                    f"{path} was just made but its norm scales {dead} are zero: update the comfy-harness"
+                )
     return path
 
 

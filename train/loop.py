@@ -388,10 +388,6 @@ def _run(
     latest = None
     try:
         rules = Rules.from_config(cfg.data, preset.tokens_per_image, preset.resolution)
-        if world > 1 and len(set(rules.tokens_choices)) > 1:
-            # Images of different sides take different vision-tower calls, which FSDP's per-block
-            # collectives would have to match across processes.
-            raise TrainInputError("data.tokens_choices with more than one value needs a single process")
         urls = check_inputs(cfg)
         latest = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
         if latest is not None:

@@ -18,7 +18,8 @@ relative spread (distance to the centroid over the norm) says how much the refer
 ``--generate N`` also draws N images per condition and guidance and scores their background style
 with the analyser: the style named by WORD (no reference), word and reference, and reference only (the
 evaluation's Finding 3 prompt). Style read by the probe but drawn only from words means the UNet side
-never learned to read it from the image tokens.
+never learned to read it from the image tokens. It also draws up to 8 object and 8 background prompts
+with one seed and reports how much the images differ between references (the reference's effect).
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class ProbeResult:
     spread: dict[str, dict[str, float]]
     # condition ("word", "word+reference", "reference") -> guidance -> style drawn; empty unless asked
     style_drawn: dict[str, dict[str, float]]
+    # {"objects", "backgrounds"} -> mean absolute pixel difference (0-255) between images drawn with the
+    # same seed and words from different references: how much a reference changes the image; empty unless
+    # asked (``generate``)
+    reference_effect: dict[str, float]
 
 
 def probe_cases(count: int, tokens: int) -> tuple[list[InterleavedPrompt], np.ndarray, np.ndarray]:
@@ -117,6 +122,16 @@ def relative_spread(features: torch.Tensor) -> float:
     return float((x - x.mean(0)).norm(dim=1).mean() / x.norm(dim=1).mean().clamp_min(1e-12))
 
 
+def mean_pairwise_difference(images: Sequence) -> float:
+    """Mean absolute difference (0-255) over all pairs of equally sized images."""
+    x = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    n = len(x)
+    if n < 2:
+        raise ValueError("needs at least two images")
+    diffs = [np.abs(x[i] - x[j]).mean() for i in range(n) for j in range(i + 1, n)]
+    return float(np.mean(diffs))
+
+
 def run_probe(
     model: str | Path,
     count: int = 700,
@@ -168,6 +183,7 @@ def run_probe(
         for name in objects
     }
     drawn: dict[str, dict[str, float]] = {}
+    effect: dict[str, float] = {}
     if generate:
         from .analyser import Analyser
 
@@ -184,8 +200,22 @@ def run_probe(
                 images = pipe(ps, seed=0, guidance=g, progress=False)
                 got = np.array([int(np.argmax(a.style_probs)) for a in analyser.analyse(images)])
                 drawn.setdefault(cond, {})[f"{g:g}"] = float((got == styles[:generate]).mean())
+        # Same words, same seed, different references: one call per prompt (each call starts at seed 0).
+        k = max(2, min(generate, 8))
+        for name, ps in (("objects", prompts[:k]), ("backgrounds", style_prompts[:k])):
+            effect[name] = mean_pairwise_difference(
+                [pipe([q], seed=0, guidance=guidances[0], progress=False)[0] for q in ps]
+            )
     return ProbeResult(
-        n_train, count - n_train, 1 / len(COLOURS), 1 / len(SHAPES), 1 / len(STYLES), accuracy, spread, drawn
+        n_train,
+        count - n_train,
+        1 / len(COLOURS),
+        1 / len(SHAPES),
+        1 / len(STYLES),
+        accuracy,
+        spread,
+        drawn,
+        effect,
     )
 
 
@@ -217,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for cond, by_g in result.style_drawn.items():
         rates = ", ".join(f"{v:.2f} at guidance {g}" for g, v in by_g.items())
         print(f"  background style drawn, {cond}: {rates}")
+    for name, diff in result.reference_effect.items():
+        print(
+            f"  same seed and words, different {name} references: images differ by {diff:.1f}/255 per pixel"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": str(args.model), **asdict(result)}, indent=2))

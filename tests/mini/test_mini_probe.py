@@ -31,6 +31,14 @@ def test_relative_spread_is_zero_for_identical_rows_and_scales_with_the_differen
     assert 0 < P.relative_spread(small) < P.relative_spread(large) < 1
 
 
+def test_mean_pairwise_difference() -> None:
+    a, b = np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 10, np.uint8)
+    assert P.mean_pairwise_difference([a, a]) == 0.0
+    assert P.mean_pairwise_difference([a, b, a]) == pytest.approx(20 / 3)
+    with pytest.raises(ValueError):
+        P.mean_pairwise_difference([a])
+
+
 def test_probe_cases_are_held_out_and_balanced_enough() -> None:
     prompts, colours, shapes = P.probe_cases(120, 16)
     assert all(p.to_text() == "a <image1>shape on a background" and p.images[0].tokens == 16 for p in prompts)
@@ -78,6 +86,10 @@ def test_shipped_model_conditioning_carries_colour_shape_and_style(tmp_path, one
     assert all(
         set(v) == {"1.5", "3"} and all(r in (0, 1 / 3, 2 / 3, 1) for r in v.values()) for v in drawn.values()
     )
+    effect = written["reference_effect"]
+    assert set(effect) == {"objects", "backgrounds"} and all(0 <= v <= 255 for v in effect.values())
+    # Object references change what is drawn (colour 1.00 in the evaluation).
+    assert effect["objects"] > 3, effect
     with pytest.raises(ValueError, match="generate"):
         P.run_probe(D.MODEL_DIR, count=10, n_train=5, generate=11)
     with pytest.raises(ValueError, match="n_train"):

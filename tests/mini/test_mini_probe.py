@@ -55,6 +55,7 @@ def test_style_prompts_put_the_reference_before_background() -> None:
     assert both.to_text() == "a shape on a flat <image1>background"
 
 
+@pytest.mark.slow
 def test_shipped_model_conditioning_carries_colour_shape_and_style(tmp_path, one_thread) -> None:
     result = P.run_probe(D.MODEL_DIR, count=300, n_train=200)
     ctx, pixels = result.accuracy["context"], result.accuracy["pixels"]

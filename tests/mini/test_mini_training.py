@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mumu_core.mini import evaluate as E
 from mumu_core.mini.analyser import Analyser
@@ -30,6 +31,7 @@ def colour_accuracy(vlm, bundle, sdxl, cases, analyser: Analyser) -> float:
     return float(np.mean([E.score_case(c, a)["colour"] for c, a in zip(cases, analyses)]))
 
 
+@pytest.mark.slow  # about 5 minutes on 2 cores
 def test_short_training_raises_colour_fidelity(tmp_path: Path, one_thread) -> None:
     from mumu_core.data.pipeline import bootstrap
     from mumu_core.testing import build_tiny_models

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -46,6 +47,7 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+@pytest.mark.slow
 def test_torchrun_loss_falls_and_resume_matches(tiny_models, fixed_shards, tmp_path):
     straight = tmp_path / "straight"
     torchrun(tiny_models, fixed_shards, straight, "optim.max_steps=8", "checkpoint.every=4")

@@ -11,8 +11,9 @@
 # Environment: MINI_RUN (default runs/mini), MINI_T2I / MINI_VLM (base folders, default the shipped ones),
 # MINI_CONFIG (default train/configs/mini.yaml; train/configs/mini_scratch.yaml is the from-scratch
 # recipe, which needs random bases: MINI_T2I=... MINI_VLM=... from `python -m mumu_core make-tiny --preset
-# mini`), MINI_PROCS (2: training processes, FSDP), MINI_SCENES (60000), TRAIN_MINUTES (70: wall-clock limit of the training step; on SIGTERM the
-# trainer saves a checkpoint and an export, so the stage always ends within 75 min on 2 CPU cores); extra
+# mini`), MINI_PROCS (2: training processes, FSDP), MINI_SCENES (60000), TRAIN_MINUTES (70: wall-clock
+# limit of the training step; on SIGTERM the trainer saves a checkpoint and an export, so the stage always
+# ends within 75 min on 2 CPU cores); extra
 # arguments go to python -m train (e.g. --set optim.max_steps=50). Re-running resumes.
 # Afterwards: python -m mumu_core.mini ship --export "$MINI_RUN/train/export/step_<N>" --recipe "$MINI_RUN/recipe.json"
 set -euo pipefail
@@ -24,6 +25,8 @@ VLM=${MINI_VLM:-mumu_core/mini/weights/base/vlm}
 CONFIG=${MINI_CONFIG:-train/configs/mini.yaml}
 SCENES=${MINI_SCENES:-60000}
 MINUTES=${TRAIN_MINUTES:-70}
+PROCS=${MINI_PROCS:-2}
+[[ "$PROCS" =~ ^[1-9][0-9]*$ ]] || { echo "error: MINI_PROCS=$PROCS: give the number of training processes (1 or more)" >&2; exit 2; }
 start=$(date +%s)
 # One intra-op thread: on 2 shared cores, OpenMP's spinning worker threads slow a step ~15x as soon as
 # anything else runs (measured: 0.9 s/step with 1 thread vs 14 s with 2, batch 32, under load).
@@ -39,7 +42,6 @@ rc=0
 # FSDP over MINI_PROCS processes (default 2, one per core, as the paper's FSDP over 8 GPUs): measured
 # 1.73 s per 2 x 16-sample step against 2.55 s for one process of 32 (docs/MINI.md). optim.batch_size is
 # per process; the config's 16 makes 32 per step with 2 processes.
-PROCS=${MINI_PROCS:-2}
 if [ "$PROCS" -gt 1 ]; then
   launch=(python -m torch.distributed.run --standalone --nproc_per_node "$PROCS" -m train)
 else

@@ -190,6 +190,8 @@ class TrainSettings:
     kind_weights: tuple[float, float, float] = (0.5, 0.3, 0.2)
     checkpoint_every: int = 1000
     seed: int = 0
+    # An Idefics2 folder to continue from (a finished base, e.g. RUN/vlm) instead of a random init.
+    init: str | None = None
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.max_steps < 1 or self.warmup_steps < 0 or self.checkpoint_every < 1:
@@ -394,10 +396,12 @@ def lr_at(step: int, s: TrainSettings) -> float:
     return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def _build_model(init_dir: Path, seed: int):
+def _build_model(init_dir: Path, seed: int, fresh: bool = True):
     from transformers import Idefics2ForConditionalGeneration
 
     model = Idefics2ForConditionalGeneration.from_pretrained(init_dir, dtype=torch.float32)
+    if not fresh:  # continuing a trained base: its latents are learned
+        return model
     # Idefics2 initialises every perceiver latent to ones: identical queries give identical outputs and
     # only the LM's positions would slowly tell them apart. Random latents start them different.
     g = torch.Generator().manual_seed(seed)
@@ -417,13 +421,20 @@ def train(
     """Pretrain (or resume) into ``out``; returns the summary also written to ``out/train.json``.
 
     Stops at ``settings.max_steps``, after ``minutes`` of wall time, or on SIGTERM / Ctrl-C; always ends
-    with a checkpoint (``out/checkpoint``) and the HF folder (``out/vlm``, float32).
+    with a checkpoint (``out/checkpoint``) and the HF folder (``out/vlm``, float32). With
+    ``settings.init`` the run starts from that finished base (copied to ``out/init``) instead of a random
+    init, with a fresh optimizer and schedule: the second run of a two-run recipe.
     """
     from tqdm import tqdm
 
     settings.validate()
     if minutes is not None and minutes <= 0:
         raise BaseVLMError(f"--minutes must be > 0, got {minutes}")
+    init_src = None
+    if settings.init is not None:  # checked before anything is written
+        from ..encoder import check_vlm_folder
+
+        init_src = check_vlm_folder(settings.init)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     init_dir, ckpt_dir = out / "init", out / "checkpoint"
@@ -439,11 +450,14 @@ def train(
                 f"{out} holds a run with other settings ({differ}); resume with the same settings or use a fresh --out"
             )
     if not init_dir.is_dir():
-        _atomic_dir(init_dir, lambda tmp: build_vlm_folder(MINI, tmp, seed=settings.seed))
+        if init_src is None:
+            _atomic_dir(init_dir, lambda tmp: build_vlm_folder(MINI, tmp, seed=settings.seed))
+        else:
+            _atomic_dir(init_dir, lambda tmp: shutil.copytree(init_src, tmp, dirs_exist_ok=True))
     settings_file.write_text(json.dumps(asdict(settings), indent=1) + "\n")
 
     torch.manual_seed(settings.seed)
-    model = _build_model(init_dir, settings.seed)
+    model = _build_model(init_dir, settings.seed, fresh=settings.init is None)
     tokenizer = make_byte_tokenizer()
     mean, std = _image_stats(init_dir)
     n_latents = n_latents_of(model)
@@ -801,6 +815,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--warmup-steps", type=int, default=TrainSettings.warmup_steps)
     t.add_argument("--checkpoint-every", type=int, default=TrainSettings.checkpoint_every)
     t.add_argument("--seed", type=int, default=TrainSettings.seed)
+    t.add_argument(
+        "--kind-weights",
+        type=float,
+        nargs=3,
+        default=TrainSettings.kind_weights,
+        metavar=("SCENE", "CROP", "STYLE"),
+        help="fractions of scenes / object crops / style patches per batch",
+    )
+    t.add_argument(
+        "--init", type=Path, default=None, help="continue from this Idefics2 folder (e.g. RUN/vlm)"
+    )
     t.add_argument("--no-progress", action="store_true")
     c = sub.add_parser("check", help="greedy captions of held-out images: accuracy per attribute")
     c.add_argument("--vlm", type=Path, required=True, help="an Idefics2 folder (RUN/vlm or the shipped one)")
@@ -822,6 +847,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_steps=args.max_steps,
                 checkpoint_every=args.checkpoint_every,
                 seed=args.seed,
+                kind_weights=tuple(args.kind_weights),
+                init=str(args.init) if args.init is not None else None,
             )
             summary = train(args.out, settings, minutes=args.minutes, progress=not args.no_progress)
             print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=1))

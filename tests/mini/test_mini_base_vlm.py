@@ -174,11 +174,46 @@ def test_resume_after_an_interruption_continues_at_the_saved_step(
         V.train(run, V.TrainSettings(batch_size=3, max_steps=6), progress=False)
 
 
+def test_continue_from_a_finished_base_with_other_kind_weights(short_run: Path, tmp_path: Path) -> None:
+    """--init starts from the given base's weights (its learned perceiver latents too), not a random
+    init; --kind-weights sets the batch mix."""
+    from safetensors.torch import load_file
+
+    style_only = V.TrainSettings(batch_size=6, kind_weights=(0.0, 0.0, 1.0))
+    assert {x.kind for x in V.train_batch(0, style_only)} == {"style"}
+    run = tmp_path / "second"
+    V.train(
+        run,
+        V.TrainSettings(
+            batch_size=2,
+            max_steps=1,
+            warmup_steps=0,
+            init=str(short_run / "vlm"),
+            kind_weights=(0.0, 0.0, 1.0),
+            seed=5,  # a fresh init would draw other latents than the base's
+        ),
+        progress=False,
+        log=lambda *_: None,
+    )
+    src = load_file(str(short_run / "vlm" / "model.safetensors"))
+    init = load_file(str(run / "init" / "model.safetensors"))
+    assert src.keys() == init.keys() and all(torch.equal(src[k], init[k]) for k in src)
+    latents = next(k for k in src if k.endswith("perceiver_resampler.latents"))
+    after = load_file(str(run / "vlm" / "model.safetensors"))
+    # One small step moved the weights a little from the base, not to a fresh random init.
+    assert 0 < (after[latents] - src[latents]).abs().max() < 0.1
+    assert json.loads((run / "settings.json").read_text())["init"] == str(short_run / "vlm")
+
+
 def test_cli_errors_exit_2(tmp_path: Path, capsys) -> None:
     assert mini_main(["base-vlm", "check", "--vlm", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert mini_main(["base-vlm", "train", "--out", str(tmp_path / "r"), "--max-steps", "0"]) == 2
     assert not (tmp_path / "r").exists(), "bad settings fail before anything is written"
+    bad_init = ["base-vlm", "train", "--out", str(tmp_path / "r"), "--init", str(tmp_path / "nobase")]
+    assert mini_main(bad_init) == 2
+    assert "nobase does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists(), "a missing --init folder fails before anything is written"
     assert mini_main(["base-vlm", "ship", "--run", str(tmp_path)]) == 2
     assert "not a finished base-vlm run" in capsys.readouterr().err
 

@@ -9,10 +9,11 @@ ruff check .
 ruff format --check .
 # Two pytest workers (pytest-xdist), one per core: the suite is single-threaded CPU work, so this about
 # halves the wall time. --dist loadfile keeps each file on one worker (its module fixtures, such as one
-# ComfyUI run checked by several tests, are built once); one intra-op thread per worker.
+# ComfyUI run checked by several tests, are built once); one intra-op thread per worker. Files go out in
+# collection order, slow-marked first (tests/conftest.py), so no long file starts last.
 # MUMU_TEST_WORKERS=0 runs everything in this process (e.g. for pdb).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 workers=${MUMU_TEST_WORKERS:-2}
 xdist=()
-[ "$workers" = 0 ] || xdist=(-n "$workers" --dist loadfile)
+[ "$workers" = 0 ] || xdist=(-n "$workers" --dist loadfile --no-loadscope-reorder)
 python -m pytest -q "${xdist[@]}" "$@"

@@ -10,7 +10,8 @@ ruff format --check .
 # Two pytest workers (pytest-xdist), one per core: the suite is single-threaded CPU work, so this about
 # halves the wall time. --dist loadfile keeps each file on one worker (its module fixtures, such as one
 # ComfyUI run checked by several tests, are built once); one intra-op thread per worker. Files go out in
-# collection order, slow-marked first (tests/conftest.py), so no long file starts last.
+# collection order, slow-marked first (tests/conftest.py), so no long file starts last
+# (--no-loadscope-reorder is pytest-xdist 3.8+).
 # MUMU_TEST_WORKERS=0 runs everything in this process (e.g. for pdb).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 workers=${MUMU_TEST_WORKERS:-2}

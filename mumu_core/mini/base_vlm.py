@@ -17,9 +17,12 @@ run through the model's own forward with ``pixel_values`` / ``pixel_attention_ma
 ``n_latents`` tokens, as in the real checkpoint. MUMU later removes the perceiver
 (``MumuEncoder.from_pretrained``), or keeps it for Finding 1's ablation (``keep_perceiver=True``).
 
-    python -m mumu_core.mini base-vlm train --out runs/vlm_base --minutes 35
-    python -m mumu_core.mini base-vlm check --vlm runs/vlm_base/vlm
-    python -m mumu_core.mini base-vlm ship --run runs/vlm_base      # -> mumu_core/mini/weights/base/vlm/
+    python -m mumu_core.mini base-vlm train --out runs/vlm_base --max-steps 7000
+    # the shipped base's second run: style patches half of each batch, half the learning rate
+    python -m mumu_core.mini base-vlm train --out runs/vlm_base2a --init runs/vlm_base/vlm \
+        --kind-weights 0.25 0.25 0.5 --lr 5e-4 --warmup-steps 100 --max-steps 6000
+    python -m mumu_core.mini base-vlm check --vlm runs/vlm_base2a/vlm
+    python -m mumu_core.mini base-vlm ship --run runs/vlm_base2a    # -> mumu_core/mini/weights/base/vlm/
 
 Checkpoints (``OUT/checkpoint/``) are safetensors + json only: the model, the AdamW state flattened into
 ``optimizer.safetensors`` and ``state.json`` (step, wall time). Data is a function of the step, so a

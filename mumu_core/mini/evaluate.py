@@ -503,7 +503,7 @@ def run_evaluation(
         },
         chance={k: chance(v, cfg.chance_draws, cfg.seed) for k, v in cases.items()},
     )
-    sheets: dict[str, list[list[Image.Image]]] = {}
+    sheets: dict[str, list[list[tuple[Image.Image, Note]]]] = {}
 
     def run(suite: str, cs: Sequence[Case], guidance: float, condition: str, tokens: int | None) -> None:
         prompts = [c.prompt if condition == "image" else c.prompt.without_images() for c in cs]
@@ -534,7 +534,10 @@ def run_evaluation(
             }
         )
         if guidance == cfg.guidance:
-            col = [_annotate(im, a, analyser.canvas) for im, a in zip(images, analyses, strict=True)]
+            col = [
+                (_annotate(im, a, analyser.canvas), _seen(c, a, sc))
+                for im, a, c, sc in zip(images, analyses, cs, scores, strict=True)
+            ]
             sheets.setdefault(suite, []).append(col[: cfg.sheet_rows])
 
     for guidance in cfg.guidances:
@@ -610,6 +613,20 @@ def _annotate(image: Image.Image, analysis: Analysis, canvas: int) -> Image.Imag
     return img
 
 
+# What the analyser saw in a sample (one line per object, or the background style) and whether that is
+# what the case asked for: the contact sheets print it under the sample, green if right, red if wrong.
+Note = tuple[tuple[str, ...], bool]
+NOTE_LINES, NOTE_LINE_H = 2, 11
+
+
+def _seen(case: Case, analysis: Analysis, score: dict[str, float]) -> Note:
+    if case.suite == "style":
+        return (f"{analysis.style} bg",), bool(score["style"])
+    n = 2 if case.suite == "pair" else 1
+    lines = tuple(f"{d.colour} {d.shape}" for d in analysis.detections[:n]) or ("nothing drawn",)
+    return lines, bool(score["both_all"] if case.suite == "pair" else score["both"])
+
+
 def _tile(im: Image.Image, side: int) -> Image.Image:
     """Nearest-neighbour upscale, aspect kept, centred on a dark square tile."""
     tile = Image.new("RGB", (side, side), (20, 20, 20))
@@ -622,21 +639,36 @@ def _tile(im: Image.Image, side: int) -> Image.Image:
 
 
 def contact_sheet(
-    rows: Sequence[Sequence[Image.Image]], headers: Sequence[str], labels: Sequence[str], side: int = 96
+    rows: Sequence[Sequence[Image.Image | tuple[Image.Image, Note]]],
+    headers: Sequence[str],
+    labels: Sequence[str],
+    side: int = 96,
 ) -> Image.Image:
-    """A grid: one row per case, one column per header; `labels` are written at the left of each row."""
+    """A grid: one row per case, one column per header; `labels` are written at the left of each row. A
+    cell given as (image, note) gets the note's lines under it, green if right and red if wrong."""
     label_w, head_h, pad = 150, 16, 2
+    row_h = side + pad + NOTE_LINES * NOTE_LINE_H
     ncol = max(len(r) for r in rows) if rows else 1
-    sheet = Image.new("RGB", (label_w + ncol * (side + pad), head_h + len(rows) * (side + pad)), (0, 0, 0))
+    sheet = Image.new("RGB", (label_w + ncol * (side + pad), head_h + len(rows) * row_h), (0, 0, 0))
     draw = ImageDraw.Draw(sheet)
     for j, h in enumerate(headers):
         draw.text((label_w + j * (side + pad) + 2, 2), h, fill=(255, 255, 255))
     for i, row in enumerate(rows):
-        y = head_h + i * (side + pad)
+        y = head_h + i * row_h
         if i < len(labels):
             draw.text((2, y + side // 2 - 5), labels[i], fill=(255, 255, 255))
-        for j, im in enumerate(row):
-            sheet.paste(_tile(im, side), (label_w + j * (side + pad), y))
+        for j, cell in enumerate(row):
+            im, note = cell if isinstance(cell, tuple) else (cell, None)
+            x = label_w + j * (side + pad)
+            sheet.paste(_tile(im, side), (x, y))
+            if note is not None:
+                lines, right = note
+                for k, line in enumerate(lines[:NOTE_LINES]):
+                    draw.text(
+                        (x + 2, y + side + k * NOTE_LINE_H),
+                        line,
+                        fill=(80, 220, 80) if right else (240, 80, 80),
+                    )
     return sheet
 
 
@@ -650,7 +682,7 @@ def _write(
     report: EvalReport,
     out: Path,
     cases: dict[str, list[Case]],
-    sheets: dict[str, list[list[Image.Image]]],
+    sheets: dict[str, list[list[tuple[Image.Image, Note]]]],
     cfg: EvalConfig,
 ) -> None:
     payload = {

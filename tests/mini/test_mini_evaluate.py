@@ -192,3 +192,20 @@ def test_pipeline_generator_runs_the_harness_on_a_random_mini_model(
     assert (out / "results.md").is_file() and (out / "sheet_pair_g1.5.png").is_file()
     with pytest.raises(ValueError, match="--vlm, --bundle, --sdxl"):
         E.load_generator("pipeline", vlm=models.vlm)
+
+
+def test_contact_sheet_notes_say_what_was_seen_green_when_right_red_when_wrong() -> None:
+    im = Image.new("RGB", (24, 24), (128, 128, 128))
+    cells = [im, (im, (("red cross",), True)), (im, (("blue circle", "green square"), False))]
+    sheet = np.asarray(E.contact_sheet([cells], ["ref1", "with images", "text only"], ["case"]), dtype=int)
+
+    def note_strip(column: int) -> np.ndarray:  # under the tile: header 16 px, tile 96 px, cells 98 px apart
+        x = 150 + column * 98
+        return sheet[16 + 96 : 16 + 96 + E.NOTE_LINES * E.NOTE_LINE_H, x : x + 96]
+
+    right, wrong = note_strip(1), note_strip(2)
+    assert (right[..., 1] - right[..., 0] > 60).sum() > 20 and not (right[..., 0] - right[..., 1] > 60).any()
+    assert (wrong[..., 0] - wrong[..., 1] > 60).sum() > 20 and not (wrong[..., 1] - wrong[..., 0] > 60).any()
+    # two lines for two objects: the second line has text too
+    assert (wrong[E.NOTE_LINE_H :, :, 0] > 100).any()
+    assert note_strip(0).max() == 0  # a reference gets no note

@@ -160,7 +160,16 @@ class MumuPipeline:
         if not prompts:
             raise GenerationError("give at least one prompt")
         s = self.settings(steps, guidance, width, height, batch)
-        conds = self.encode(prompts)
+        return self.draw(self.encode(prompts), seed, s, progress)
+
+    @torch.no_grad()
+    def draw(
+        self, conds: Sequence[SDXLConditioning], seed: int, s: GenerationSettings, progress: bool = True
+    ) -> list[Image.Image]:
+        """Sample from conditionings made by :meth:`encode` (which diagnostics may mix: the probe swaps the
+        pooled vector between prompts); ``s`` from :meth:`settings`. Conditioning ``i`` is seeded ``seed + i``."""
+        if not conds:
+            raise GenerationError("give at least one conditioning")
         self.kv_cache.clear()  # nothing left from a call that raised
         self._to(self.pipe.unet, self.device)
         self._to(self.pipe.vae, self.device)

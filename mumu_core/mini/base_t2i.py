@@ -498,14 +498,30 @@ def generate(
     side: int = 24,
 ) -> np.ndarray:
     """DDIM with classifier-free guidance against the empty caption; (B, side, side, 3) uint8."""
+    ctx, pooled = model.embed(list(captions))
+    return generate_from(model, ctx, pooled, guidance, steps, seed, side)
+
+
+@torch.no_grad()
+def generate_from(
+    model: T2IModel,
+    ctx: torch.Tensor,
+    pooled: torch.Tensor,
+    guidance: float = 3.0,
+    steps: int = 20,
+    seed: int = 0,
+    side: int = 24,
+) -> np.ndarray:
+    """:func:`generate` from text-encoder outputs (``model.embed``), which diagnostics may mix: the probe
+    takes the context of one caption and the pooled vector of another."""
     sched = type(model.scheduler).from_config(model.scheduler.config)
     sched.set_timesteps(steps)
+    n = ctx.shape[0]
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn((len(captions), 3, side, side), generator=g)
-    ctx, pooled = model.embed(list(captions))
-    uctx, upooled = model.embed([""] * len(captions))
+    x = torch.randn((n, 3, side, side), generator=g)
+    uctx, upooled = model.embed([""] * n)
     for t in sched.timesteps:
-        tt = t.expand(len(captions))
+        tt = t.expand(n)
         if guidance == 1.0:
             v = model.denoise(x, tt, ctx, pooled)
         else:

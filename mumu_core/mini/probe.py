@@ -20,14 +20,22 @@ with the analyser: the style named by WORD (no reference), word and reference, a
 evaluation's Finding 3 prompt). Style read by the probe but drawn only from words means the UNet side
 never learned to read it from the image tokens. It also draws up to 8 object and 8 background prompts
 with one seed and reports how much the images differ between references (the reference's effect).
+
+``--paths N`` asks which path into the UNet carries the style. It draws N images for every pair of
+styles (A, B) from the cross-attention context of a word-only prompt naming A and the pooled vector
+(SDXL's ``text_embeds``) of one naming B, and counts how many show A and how many B; likewise for the
+model's text-to-image base with its own text encoder (captions "a red circle on a flat background"),
+which is what MUMU's connector replaces. The diagonal is the style drawn from words.
+
+    python -m mumu_core.mini.probe --model mumu_core/mini/weights/model --count 300 --paths 16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +66,10 @@ class ProbeResult:
     # same seed and words from different references: how much a reference changes the image; empty unless
     # asked (``generate``)
     reference_effect: dict[str, float]
+    # condition -> guidance -> confusion counts [asked style][drawn style] (STYLES order); empty unless asked
+    style_confusion: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)
+    # model ("mumu", "base") -> rows of style_path_swap; empty unless asked (``paths``)
+    style_paths: dict[str, list[dict]] = field(default_factory=dict)
 
 
 def probe_cases(count: int, tokens: int) -> tuple[list[InterleavedPrompt], np.ndarray, np.ndarray]:
@@ -132,6 +144,65 @@ def mean_pairwise_difference(images: Sequence) -> float:
     return float(np.mean(diffs))
 
 
+def drawn_styles(analyser, images: Sequence) -> np.ndarray:
+    """The analysed background style of each image, as an index into STYLES."""
+    return np.array([int(np.argmax(a.style_probs)) for a in analyser.analyse(list(images))])
+
+
+def confusion(asked: np.ndarray, drawn: np.ndarray) -> list[list[int]]:
+    """Counts [asked style][drawn style]."""
+    m = np.zeros((len(STYLES), len(STYLES)), dtype=int)
+    np.add.at(m, (asked, drawn), 1)
+    return m.tolist()
+
+
+def style_path_swap(draw: Callable[[str, str], Sequence], analyser) -> list[dict]:
+    """For every (context style, pooled style) pair, ``draw(context_style, pooled_style)`` makes images
+    from the context of a caption naming the first and the pooled vector of one naming the second; each
+    row gives the fraction drawn in either style. Which one wins says which path the UNet reads."""
+    rows = []
+    for sc in STYLES:
+        for sp in STYLES:
+            got = drawn_styles(analyser, draw(sc, sp))
+            rows.append(
+                {
+                    "context": sc,
+                    "pooled": sp,
+                    "n": len(got),
+                    "drawn_context_style": float((got == STYLES.index(sc)).mean()),
+                    "drawn_pooled_style": float((got == STYLES.index(sp)).mean()),
+                }
+            )
+    return rows
+
+
+def _mumu_path_draw(pipe, n: int, guidance: float) -> Callable[[str, str], Sequence]:
+    from ..conditioning import SDXLConditioning
+
+    settings = pipe.settings(guidance=guidance)
+    # Word-only prompts (no image tokens), one conditioning per style drawn n times (seeds 0..n-1).
+    enc = {s: pipe.encode([style_prompt(None, s, 1)]) * n for s in STYLES}
+
+    def draw(sc: str, sp: str) -> Sequence:
+        conds = [SDXLConditioning(a.context, b.pooled, a.attention_mask) for a, b in zip(enc[sc], enc[sp])]
+        return pipe.draw(conds, seed=0, s=settings, progress=False)
+
+    return draw
+
+
+def _base_path_draw(t2i, n: int, guidance: float) -> Callable[[str, str], Sequence]:
+    from .base_t2i import generate_from
+
+    objects = [f"{COLOURS[i % len(COLOURS)]} {SHAPES[i % len(SHAPES)]}" for i in range(n)]
+    with torch.no_grad():
+        enc = {s: t2i.embed([f"a {o} on a {s} background" for o in objects]) for s in STYLES}
+
+    def draw(sc: str, sp: str) -> Sequence:
+        return list(generate_from(t2i, enc[sc][0], enc[sp][1], guidance=guidance, seed=0))
+
+    return draw
+
+
 def run_probe(
     model: str | Path,
     count: int = 700,
@@ -139,6 +210,7 @@ def run_probe(
     tokens: int = 16,
     generate: int = 0,
     guidances: Sequence[float] = (1.5, 3.0),
+    paths: int = 0,
 ) -> ProbeResult:
     from ..pipeline import MumuPipeline
     from .demo import model_paths
@@ -147,8 +219,17 @@ def run_probe(
         raise ValueError(f"n_train must be between 0 and count ({count}), got {n_train}")
     if not 0 <= generate <= count:
         raise ValueError(f"generate must be between 0 and count ({count}), got {generate}")
-    paths = model_paths(model)  # an export (vlm/, sdxl/) or the shipped bundle + bases.json
-    pipe = MumuPipeline.from_paths(paths.vlm, paths.bundle, paths.sdxl)
+    if paths < 0:
+        raise ValueError(f"paths must be 0 (off) or the images per style pair, got {paths}")
+    parts = model_paths(model)  # an export (vlm/, sdxl/) or the shipped bundle + bases.json
+    t2i = None
+    if paths:
+        from .base_t2i import load_t2i
+
+        # The base's own text encoder is the reference point; loaded before any drawing so that a base
+        # folder without one fails at once (load_t2i names what is missing).
+        t2i = load_t2i(parts.sdxl)
+    pipe = MumuPipeline.from_paths(parts.vlm, parts.bundle, parts.sdxl)
     encoder = pipe.conditioner.encoder
 
     def features(prompts: Sequence[InterleavedPrompt]) -> dict[str, torch.Tensor]:
@@ -183,11 +264,14 @@ def run_probe(
         for name in objects
     }
     drawn: dict[str, dict[str, float]] = {}
+    confusions: dict[str, dict[str, list[list[int]]]] = {}
     effect: dict[str, float] = {}
-    if generate:
+    style_paths: dict[str, list[dict]] = {}
+    if generate or paths:
         from .analyser import Analyser
 
         analyser = Analyser.load()
+    if generate:
         refs = [p.images[0].image for p in style_prompts[:generate]]
         named = [STYLES[k] for k in styles[:generate]]
         conditions = {
@@ -197,15 +281,18 @@ def run_probe(
         }
         for cond, ps in conditions.items():
             for g in guidances:
-                images = pipe(ps, seed=0, guidance=g, progress=False)
-                got = np.array([int(np.argmax(a.style_probs)) for a in analyser.analyse(images)])
+                got = drawn_styles(analyser, pipe(ps, seed=0, guidance=g, progress=False))
                 drawn.setdefault(cond, {})[f"{g:g}"] = float((got == styles[:generate]).mean())
+                confusions.setdefault(cond, {})[f"{g:g}"] = confusion(styles[:generate], got)
         # Same words, same seed, different references: one call per prompt (each call starts at seed 0).
         k = max(2, min(generate, 8))
         for name, ps in (("objects", prompts[:k]), ("backgrounds", style_prompts[:k])):
             effect[name] = mean_pairwise_difference(
                 [pipe([q], seed=0, guidance=guidances[0], progress=False)[0] for q in ps]
             )
+    if paths:
+        style_paths["mumu"] = style_path_swap(_mumu_path_draw(pipe, paths, guidances[0]), analyser)
+        style_paths["base"] = style_path_swap(_base_path_draw(t2i, paths, guidances[0]), analyser)
     return ProbeResult(
         n_train,
         count - n_train,
@@ -216,6 +303,8 @@ def run_probe(
         spread,
         drawn,
         effect,
+        confusions,
+        style_paths,
     )
 
 
@@ -223,7 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mumu_core.mini.probe", description=first_line(__doc__))
     ap.add_argument("--model", type=Path, required=True, help="a model folder: vlm/, sdxl/, mumu.safetensors")
     ap.add_argument("--count", type=int, default=700)
-    ap.add_argument("--n-train", type=int, default=500)
+    ap.add_argument(
+        "--n-train", type=int, help="cases the probes are fitted on, the rest scored (default: 5/7 of --count)"
+    )
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument(
         "--generate",
@@ -231,9 +322,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0,
         help="also draw this many images per style condition (word / word+reference / reference) and guidance",
     )
+    ap.add_argument(
+        "--paths",
+        type=int,
+        default=0,
+        help="also draw this many images per (context style, pooled style) pair, for the model and its "
+        "text-to-image base: which path into the UNet carries the style",
+    )
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
     args = ap.parse_args(argv)
-    result = run_probe(args.model, args.count, args.n_train, args.tokens, args.generate)
+    n_train = args.n_train if args.n_train is not None else args.count * 5 // 7
+    try:
+        result = run_probe(args.model, args.count, n_train, args.tokens, args.generate, paths=args.paths)
+    except ValueError as e:  # bad numbers, or a model folder that is not one (MiniModelError, BaseModelError)
+        ap.error(str(e))
     print(
         f"linear probe, held-out accuracy ({result.n_test} cases; chance colour {result.chance_colour:.2f}, "
         f"shape {result.chance_shape:.2f}, style {result.chance_style:.2f})"
@@ -247,6 +349,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     for cond, by_g in result.style_drawn.items():
         rates = ", ".join(f"{v:.2f} at guidance {g}" for g, v in by_g.items())
         print(f"  background style drawn, {cond}: {rates}")
+        first = next(iter(by_g))
+        rows = result.style_confusion[cond][first]
+        print(
+            f"    asked -> drawn at guidance {first} ({' / '.join(STYLES)}): "
+            + "; ".join(f"{s} {' / '.join(map(str, r))}" for s, r in zip(STYLES, rows))
+        )
+    for name, rows in result.style_paths.items():
+        print(f"  style drawn from the context of one style word and the pooled vector of another ({name}):")
+        print("    context \\ pooled " + "".join(f"{sp:>21s}" for sp in STYLES))
+        for sc in STYLES:
+            cells = [r for r in rows if r["context"] == sc]
+            print(
+                f"    {sc:18s}"
+                + "".join(
+                    f"   ctx {r['drawn_context_style']:.2f} pool {r['drawn_pooled_style']:.2f}" for r in cells
+                )
+            )
     for name, diff in result.reference_effect.items():
         print(
             f"  same seed and words, different {name} references: images differ by {diff:.1f}/255 per pixel"

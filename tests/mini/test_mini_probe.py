@@ -55,6 +55,33 @@ def test_style_prompts_put_the_reference_before_background() -> None:
     assert both.to_text() == "a shape on a flat <image1>background"
 
 
+def test_confusion_counts_asked_against_drawn() -> None:
+    m = P.confusion(np.array([0, 0, 1, 2, 2]), np.array([0, 2, 1, 0, 0]))
+    assert m == [[1, 0, 1], [0, 1, 0], [2, 0, 0]]
+
+
+class _StyleOf:
+    """A stand-in analyser: each 'image' is the index of the style it shows."""
+
+    def analyse(self, images):
+        return [type("A", (), {"style_probs": np.eye(3)[i]})() for i in images]
+
+
+def test_style_path_swap_says_which_path_the_renderer_follows() -> None:
+    from mumu_core.mini.world import STYLES
+
+    # A renderer that draws whatever the pooled vector says (the MUMU model does so for texture).
+    rows = P.style_path_swap(lambda sc, sp: [STYLES.index(sp)] * 4, _StyleOf())
+    assert len(rows) == 9 and all(r["n"] == 4 and r["drawn_pooled_style"] == 1.0 for r in rows)
+    assert [r["drawn_context_style"] for r in rows] == [
+        1.0 if r["context"] == r["pooled"] else 0.0 for r in rows
+    ]
+    # One that follows the context for half its images and the pooled vector for the other half.
+    rows = P.style_path_swap(lambda sc, sp: [STYLES.index(sc)] * 2 + [STYLES.index(sp)] * 2, _StyleOf())
+    off = [r for r in rows if r["context"] != r["pooled"]]
+    assert all(r["drawn_context_style"] == 0.5 and r["drawn_pooled_style"] == 0.5 for r in off)
+
+
 @pytest.mark.slow
 def test_shipped_model_conditioning_carries_colour_shape_and_style(tmp_path, one_thread) -> None:
     result = P.run_probe(D.MODEL_DIR, count=300, n_train=200)
@@ -76,6 +103,8 @@ def test_shipped_model_conditioning_carries_colour_shape_and_style(tmp_path, one
         "40",
         "--generate",
         "3",
+        "--paths",
+        "1",
         "--out",
         str(out),
     ]
@@ -87,6 +116,17 @@ def test_shipped_model_conditioning_carries_colour_shape_and_style(tmp_path, one
     assert all(
         set(v) == {"1.5", "3"} and all(r in (0, 1 / 3, 2 / 3, 1) for r in v.values()) for v in drawn.values()
     )
+    confusions = written["style_confusion"]
+    assert set(confusions) == set(drawn)
+    for cond, by_g in confusions.items():
+        for g, m in by_g.items():
+            # three prompts, one per style; the diagonal is what was drawn right
+            assert [sum(r) for r in m] == [1, 1, 1] and sum(m[i][i] for i in range(3)) == 3 * drawn[cond][g]
+    paths = written["style_paths"]
+    assert set(paths) == {"mumu", "base"} and all(len(rows) == 9 for rows in paths.values())
+    # The base draws the style its caption names (check: style 0.97) when context and pooled agree.
+    agree = [r for r in paths["base"] if r["context"] == r["pooled"]]
+    assert sum(r["drawn_context_style"] for r in agree) >= 2, agree
     effect = written["reference_effect"]
     assert set(effect) == {"objects", "backgrounds"} and all(0 <= v <= 255 for v in effect.values())
     # Object references change what is drawn (colour 1.00 in the evaluation).

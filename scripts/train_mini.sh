@@ -6,7 +6,7 @@
 #   bash scripts/train_mini.sh                 # everything under runs/mini (git-ignored)
 # The bases have one-command recipes of their own (run once, their weights ship; docs/MINI.md):
 #   python -m mumu_core.mini base-t2i train --out runs/base_t2i        (<= 2 h on 2 CPU cores)
-#   python -m mumu_core.mini base-vlm train --out runs/base_vlm        (then a second run with --init:
+#   python -m mumu_core.mini base-vlm train --out runs/base_vlm        (then two more runs with --init:
 #                                      mumu_core/mini/base_vlm.py; <= 2 h on 2 CPU cores in all)
 #   python -m mumu_core.mini base-t2i finetune --base runs/base_t2i/model --out runs/finetune
 # Environment: MINI_RUN (default runs/mini), MINI_T2I / MINI_VLM (base folders, default the shipped ones),

@@ -18,11 +18,13 @@ run through the model's own forward with ``pixel_values`` / ``pixel_attention_ma
 (``MumuEncoder.from_pretrained``), or keeps it for Finding 1's ablation (``keep_perceiver=True``).
 
     python -m mumu_core.mini base-vlm train --out runs/vlm_base --max-steps 7000
-    # the shipped base's second run: style patches half of each batch, half the learning rate
+    # the shipped base's second and third runs: style patches half of each batch, half the learning rate
     python -m mumu_core.mini base-vlm train --out runs/vlm_base2a --init runs/vlm_base/vlm \
         --kind-weights 0.25 0.25 0.5 --lr 5e-4 --warmup-steps 100 --max-steps 6000
-    python -m mumu_core.mini base-vlm check --vlm runs/vlm_base2a/vlm
-    python -m mumu_core.mini base-vlm ship --run runs/vlm_base2a    # -> mumu_core/mini/weights/base/vlm/
+    python -m mumu_core.mini base-vlm train --out runs/vlm_base3a --init runs/vlm_base2a/vlm \
+        --kind-weights 0.25 0.25 0.5 --lr 5e-4 --warmup-steps 100 --max-steps 6000
+    python -m mumu_core.mini base-vlm check --vlm runs/vlm_base3a/vlm
+    python -m mumu_core.mini base-vlm ship --run runs/vlm_base3a    # -> mumu_core/mini/weights/base/vlm/
 
 Checkpoints (``OUT/checkpoint/``) are safetensors + json only: the model, the AdamW state flattened into
 ``optimizer.safetensors`` and ``state.json`` (step, wall time). Data is a function of the step, so a
@@ -426,7 +428,7 @@ def train(
     Stops at ``settings.max_steps``, after ``minutes`` of wall time, or on SIGTERM / Ctrl-C; always ends
     with a checkpoint (``out/checkpoint``) and the HF folder (``out/vlm``, float32). With
     ``settings.init`` the run starts from that finished base (copied to ``out/init``) instead of a random
-    init, with a fresh optimizer and schedule: the second run of a two-run recipe.
+    init, with a fresh optimizer and schedule: the later runs of a multi-run recipe.
     """
     from tqdm import tqdm
 

@@ -313,7 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, required=True, help="a model folder: vlm/, sdxl/, mumu.safetensors")
     ap.add_argument("--count", type=int, default=700)
     ap.add_argument(
-        "--n-train", type=int, help="cases the probes are fitted on, the rest scored (default: 5/7 of --count)"
+        "--n-train",
+        type=int,
+        help="cases the probes are fitted on, the rest scored (default: 5/7 of --count)",
     )
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument(

@@ -203,6 +203,16 @@ def _base_path_draw(t2i, n: int, guidance: float) -> Callable[[str, str], Sequen
     return draw
 
 
+def check_probe_numbers(count: int, n_train: int, generate: int, paths: int) -> None:
+    """ValueError naming the first bad number; run before anything is loaded."""
+    if not 0 < n_train < count:
+        raise ValueError(f"n_train must be between 0 and count ({count}), got {n_train}")
+    if not 0 <= generate <= count:
+        raise ValueError(f"generate must be between 0 and count ({count}), got {generate}")
+    if paths < 0:
+        raise ValueError(f"paths must be 0 (off) or the images per style pair, got {paths}")
+
+
 def run_probe(
     model: str | Path,
     count: int = 700,
@@ -215,12 +225,7 @@ def run_probe(
     from ..pipeline import MumuPipeline
     from .demo import model_paths
 
-    if not 0 < n_train < count:
-        raise ValueError(f"n_train must be between 0 and count ({count}), got {n_train}")
-    if not 0 <= generate <= count:
-        raise ValueError(f"generate must be between 0 and count ({count}), got {generate}")
-    if paths < 0:
-        raise ValueError(f"paths must be 0 (off) or the images per style pair, got {paths}")
+    check_probe_numbers(count, n_train, generate, paths)
     parts = model_paths(model)  # an export (vlm/, sdxl/) or the shipped bundle + bases.json
     t2i = None
     if paths:
@@ -334,9 +339,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
     args = ap.parse_args(argv)
     n_train = args.n_train if args.n_train is not None else args.count * 5 // 7
+    from .base_t2i import BaseModelError
+    from .demo import MiniModelError
+
+    try:
+        check_probe_numbers(args.count, n_train, args.generate, args.paths)
+    except ValueError as e:
+        ap.error(str(e))
     try:
         result = run_probe(args.model, args.count, n_train, args.tokens, args.generate, paths=args.paths)
-    except ValueError as e:  # bad numbers, or a model folder that is not one (MiniModelError, BaseModelError)
+    except (
+        MiniModelError,
+        BaseModelError,
+    ) as e:  # a folder that is not a mini model / base: say what belongs there
         ap.error(str(e))
     print(
         f"linear probe, held-out accuracy ({result.n_test} cases; chance colour {result.chance_colour:.2f}, "

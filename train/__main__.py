@@ -49,7 +49,10 @@ def _rank_prefix() -> str:
 
 def error(msg: object) -> None:
     text = " ".join(str(msg).split()) if "\n  - " not in str(msg) else str(msg)
-    print(f"{_rank_prefix()}error: {text}", file=sys.stderr, flush=True)
+    # One write per line: with print(), the text and its newline are two writes, and two ranks sharing
+    # torchrun's stderr pipe then glue their lines together ("...traceback)[rank 1] error: ...").
+    sys.stderr.write(f"{_rank_prefix()}error: {text}\n")
+    sys.stderr.flush()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torchrun kills the other ranks as soon as one exits non-zero; every rank fails on the same checked
         # input at the same step, so a moment's wait lets each one print its own line before that happens.

@@ -438,7 +438,8 @@ def _run(
 
     def report_bad(item: BadItem) -> None:
         # Every process reports what it skipped itself (its shards are not the others').
-        print(f"warning: rank {rank}: {item.describe()}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"warning: rank {rank}: {item.describe()}\n")  # one write: ranks share stderr
+        sys.stderr.flush()
 
     stream = Prefetcher(
         iter(

@@ -92,6 +92,11 @@ class DiffusionConfig:
     # each sample's loss is weighted by min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v), which
     # shifts the effort to the middle noise levels where layout and shape are decided. 0 = plain MSE.
     snr_gamma: float = 0.0
+    # With v-prediction, min-SNR's weight SNR/(SNR+1) vanishes at high noise (exactly 0 at a zero-terminal-
+    # SNR schedule's last step), where a sample's background and layout are decided. True keeps the cap of
+    # the low-noise steps and gives the others full weight: min(1, gamma/(SNR+1)). Epsilon's min-SNR
+    # weight is already 1 there, so this changes v-prediction only.
+    snr_full_high_noise: bool = False
 
 
 @dataclass
@@ -179,6 +184,12 @@ class TrainConfig:
         ):
             if not 0.0 <= v <= 1.0:
                 problems.append(f"{key}={v} must be a probability in [0, 1]")
+        if self.diffusion.snr_gamma < 0:
+            problems.append(f"diffusion.snr_gamma={self.diffusion.snr_gamma} must be >= 0 (0 = plain MSE)")
+        if self.diffusion.snr_full_high_noise and not self.diffusion.snr_gamma:
+            problems.append(
+                "diffusion.snr_full_high_noise needs diffusion.snr_gamma > 0 (it changes min-SNR)"
+            )
         if not 0.0 < self.diffusion.ema_decay < 1.0:
             problems.append("diffusion.ema_decay must be in (0, 1)")
         for key, v in (

@@ -233,16 +233,24 @@ def training_loss(
     if not cfg.diffusion.snr_gamma:
         return F.mse_loss(pred.float(), target.float())
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
-    return (per_sample * min_snr_weights(sched, t, cfg.diffusion.snr_gamma, prediction_type)).mean()
+    d = cfg.diffusion
+    weights = min_snr_weights(sched, t, d.snr_gamma, prediction_type, d.snr_full_high_noise)
+    return (per_sample * weights).mean()
 
 
-def min_snr_weights(sched, t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-gamma weights of timesteps ``t`` (zero-terminal-SNR schedules give weight 0 at SNR 0)."""
+def min_snr_weights(
+    sched, t: torch.Tensor, gamma: float, prediction_type: str, full_high_noise: bool = False
+) -> torch.Tensor:
+    """Min-SNR-gamma weights of timesteps ``t``: min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v; a
+    zero-terminal-SNR schedule gives weight 0 at SNR 0). ``full_high_noise``: v's weight is
+    min(1, gamma / (SNR + 1)), the same cap at low noise and 1 below it (epsilon's already is)."""
     alphas = sched.alphas_cumprod.to(t.device)[t].double()
     snr = alphas / (1 - alphas).clamp_min(1e-20)
-    clipped = snr.clamp(max=gamma)
-    denom = snr + 1 if prediction_type == "v_prediction" else snr.clamp_min(1e-8)
-    return (clipped / denom).float()
+    if prediction_type == "v_prediction":
+        w = (gamma / (snr + 1)).clamp(max=1) if full_high_noise else snr.clamp(max=gamma) / (snr + 1)
+    else:
+        w = snr.clamp(max=gamma) / snr.clamp_min(1e-8)
+    return w.float()
 
 
 @torch.no_grad()

@@ -273,3 +273,23 @@ def test_min_snr_weights_match_the_formula():
     assert v[0] < 0.01 and 0.3 < v.max() <= 1  # almost-clean steps are down-weighted too
     eps = min_snr_weights(sched, t[:-1], 5.0, "epsilon")
     assert torch.allclose(eps.double(), snr[:-1].clamp(max=5) / snr[:-1], atol=1e-6)
+    # full_high_noise: v keeps the low-noise cap and gets full weight where min-SNR suppresses it.
+    full = min_snr_weights(sched, t, 5.0, "v_prediction", full_high_noise=True)
+    assert torch.allclose(full.double(), (5 / (snr + 1)).clamp(max=1), atol=1e-6)
+    assert full[-1] == 1 and full[-2] == 1 and torch.allclose(full[0], v[0], rtol=1e-3)
+    assert torch.equal(min_snr_weights(sched, t[:-1], 5.0, "epsilon", full_high_noise=True), eps)
+
+
+def test_snr_full_high_noise_needs_min_snr():
+    from train.config import ConfigError, TrainConfig
+
+    cfg = TrainConfig()
+    cfg.model.vlm, cfg.model.sdxl, cfg.data.shards = "v", "s", ["d.tar"]
+    cfg.diffusion.snr_full_high_noise = True
+    with pytest.raises(ConfigError, match="snr_full_high_noise needs diffusion.snr_gamma"):
+        cfg.validate()
+    cfg.diffusion.snr_gamma = -1
+    with pytest.raises(ConfigError, match="snr_gamma=-1 must be >= 0"):
+        cfg.validate()
+    cfg.diffusion.snr_gamma = 5
+    cfg.validate()

@@ -164,18 +164,36 @@ class MumuPipeline:
 
     @torch.no_grad()
     def draw(
-        self, conds: Sequence[SDXLConditioning], seed: int, s: GenerationSettings, progress: bool = True
+        self,
+        conds: Sequence[SDXLConditioning],
+        seed: int,
+        s: GenerationSettings,
+        progress: bool = True,
+        then: tuple[int, Sequence[SDXLConditioning]] | None = None,
     ) -> list[Image.Image]:
         """Sample from conditionings made by :meth:`encode` (which diagnostics may mix: the probe swaps the
-        pooled vector between prompts); ``s`` from :meth:`settings`. Conditioning ``i`` is seeded ``seed + i``."""
+        pooled vector between prompts); ``s`` from :meth:`settings`. Conditioning ``i`` is seeded ``seed + i``.
+
+        ``then=(k, later)``: after ``k`` sampling steps, conditioning ``i`` is replaced by ``later[i]`` (a
+        diagnostic of which steps decide what; ``k=0`` samples from ``later`` alone)."""
         if not conds:
             raise GenerationError("give at least one conditioning")
+        if then is not None and not (then[0] >= 0 and len(then[1]) == len(conds)):
+            raise GenerationError(
+                f"then=(k, later) needs k >= 0 and one later conditioning per conditioning ({len(conds)}), "
+                f"got k={then[0]} and {len(then[1])}"
+            )
         self.kv_cache.clear()  # nothing left from a call that raised
         self._to(self.pipe.unet, self.device)
         self._to(self.pipe.vae, self.device)
         self.pipe.set_progress_bar_config(disable=not progress)
         images: list[Image.Image] = []
         for i, cond in enumerate(conds):
+            switch = None
+            if then is not None and then[0] == 0:
+                cond = then[1][i]
+            elif then is not None:
+                switch = self._switch_after(then[0], then[1][i], s.batch)
             neg = cond.negative(self.bundle.meta.negative_pooled)
             cond, neg = cond.to(self.device, self.dtype), neg.to(self.device, self.dtype)
             out = self.pipe(
@@ -194,11 +212,30 @@ class MumuPipeline:
                 crops_coords_top_left=(0, 0),
                 generator=torch.Generator("cpu").manual_seed(seed + i),
                 output_type="np",  # checked for NaN/inf before it becomes an (all-black) PNG
+                callback_on_step_end=switch,
+                callback_on_step_end_tensor_inputs=["prompt_embeds", "add_text_embeds"],
             )
             self.kv_cache.clear()  # this prompt's K/V are released before the next prompt samples
             check_finite_output(out.images, cond, self, s)
             images.extend(self.pipe.numpy_to_pil(out.images))
         return images
+
+    def _switch_after(self, k: int, later: SDXLConditioning, batch: int):
+        """A diffusers step-end callback that swaps in ``later`` (and its negative) after step ``k``."""
+        neg = later.negative(self.bundle.meta.negative_pooled).repeat(batch).to(self.device, self.dtype)
+        later = later.repeat(batch).to(self.device, self.dtype)
+
+        def callback(pipe, step: int, t, tensors: dict) -> dict:
+            if step != k - 1:
+                return {}
+            if pipe.do_classifier_free_guidance:  # the pipeline's batch is [negative, positive]
+                return {
+                    "prompt_embeds": torch.cat([neg.context, later.context]),
+                    "add_text_embeds": torch.cat([neg.pooled, later.pooled]),
+                }
+            return {"prompt_embeds": later.context, "add_text_embeds": later.pooled}
+
+        return callback
 
     def _to(self, module: torch.nn.Module, device: str | torch.device) -> None:
         device = torch.device(device)

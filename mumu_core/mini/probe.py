@@ -28,6 +28,14 @@ model's text-to-image base with its own text encoder (captions "a red circle on 
 which is what MUMU's connector replaces. The diagonal is the style drawn from words.
 
     python -m mumu_core.mini.probe --model mumu_core/mini/weights/model --count 300 --paths 16
+
+``--decide N`` asks which sampling steps decide the style: N reference-only style prompts are drawn
+with the reference's conditioning for the first k steps and the text-only one ("a shape on a
+background", no image) after, and the reverse, for k from 0 to all steps. The steps between the k where
+"reference first" stops rising and the one where "text first" starts falling are where the style is set
+(a training loss that gives those noise levels little weight teaches the style little).
+
+    python -m mumu_core.mini.probe --model mumu_core/mini/weights/model --count 300 --decide 48
 """
 
 from __future__ import annotations
@@ -70,6 +78,14 @@ class ProbeResult:
     style_confusion: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)
     # model ("mumu", "base") -> rows of style_path_swap; empty unless asked (``paths``)
     style_paths: dict[str, list[dict]] = field(default_factory=dict)
+    # rows {"k", "timestep", "reference_first", "text_first"}: the style drawn with the reference for the
+    # first k sampling steps then text only, and the reverse (timestep: the first step after the switch, 0
+    # when k is all of them); empty unless asked
+    style_steps: list[dict] = field(default_factory=list)
+
+
+# Fractions of the sampling steps after which ``--decide`` switches the conditioning.
+DECIDE_FRACTIONS = (0.0, 0.1, 0.2, 0.35, 0.5, 1.0)
 
 
 def probe_cases(count: int, tokens: int) -> tuple[list[InterleavedPrompt], np.ndarray, np.ndarray]:
@@ -203,7 +219,26 @@ def _base_path_draw(t2i, n: int, guidance: float) -> Callable[[str, str], Sequen
     return draw
 
 
-def check_probe_numbers(count: int, n_train: int, generate: int, paths: int) -> None:
+def style_steps(pipe, prompts: Sequence[InterleavedPrompt], styles: np.ndarray, guidance: float, analyser):
+    """Rows of :attr:`ProbeResult.style_steps` for reference-only style ``prompts`` (asked ``styles``)."""
+    settings = pipe.settings(guidance=guidance)
+    ref = pipe.encode(list(prompts))
+    text = pipe.encode([style_prompt(None, None, 1)]) * len(prompts)
+    pipe.pipe.scheduler.set_timesteps(settings.steps)
+    timesteps = pipe.pipe.scheduler.timesteps.tolist()
+    rows = []
+    for k in sorted({round(f * settings.steps) for f in DECIDE_FRACTIONS}):
+        row: dict = {"k": k, "timestep": int(timesteps[k]) if k < len(timesteps) else 0}
+        for name, first, later in (("reference_first", ref, text), ("text_first", text, ref)):
+            got = drawn_styles(
+                analyser, pipe.draw(first, seed=0, s=settings, progress=False, then=(k, later))
+            )
+            row[name] = float((got == styles).mean())
+        rows.append(row)
+    return rows
+
+
+def check_probe_numbers(count: int, n_train: int, generate: int, paths: int, decide: int = 0) -> None:
     """ValueError naming the first bad number; run before anything is loaded."""
     if not 0 < n_train < count:
         raise ValueError(f"n_train must be between 0 and count ({count}), got {n_train}")
@@ -211,6 +246,8 @@ def check_probe_numbers(count: int, n_train: int, generate: int, paths: int) -> 
         raise ValueError(f"generate must be between 0 and count ({count}), got {generate}")
     if paths < 0:
         raise ValueError(f"paths must be 0 (off) or the images per style pair, got {paths}")
+    if not 0 <= decide <= count:
+        raise ValueError(f"decide must be between 0 and count ({count}), got {decide}")
 
 
 def run_probe(
@@ -221,11 +258,12 @@ def run_probe(
     generate: int = 0,
     guidances: Sequence[float] = (1.5, 3.0),
     paths: int = 0,
+    decide: int = 0,
 ) -> ProbeResult:
     from ..pipeline import MumuPipeline
     from .demo import model_paths
 
-    check_probe_numbers(count, n_train, generate, paths)
+    check_probe_numbers(count, n_train, generate, paths, decide)
     parts = model_paths(model)  # an export (vlm/, sdxl/) or the shipped bundle + bases.json
     t2i = None
     if paths:
@@ -272,7 +310,8 @@ def run_probe(
     confusions: dict[str, dict[str, list[list[int]]]] = {}
     effect: dict[str, float] = {}
     style_paths: dict[str, list[dict]] = {}
-    if generate or paths:
+    steps_rows: list[dict] = []
+    if generate or paths or decide:
         from .analyser import Analyser
 
         analyser = Analyser.load()
@@ -298,6 +337,8 @@ def run_probe(
     if paths:
         style_paths["mumu"] = style_path_swap(_mumu_path_draw(pipe, paths, guidances[0]), analyser)
         style_paths["base"] = style_path_swap(_base_path_draw(t2i, paths, guidances[0]), analyser)
+    if decide:
+        steps_rows = style_steps(pipe, style_prompts[:decide], styles[:decide], guidances[0], analyser)
     return ProbeResult(
         n_train,
         count - n_train,
@@ -310,6 +351,7 @@ def run_probe(
         effect,
         confusions,
         style_paths,
+        steps_rows,
     )
 
 
@@ -336,6 +378,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also draw this many images per (context style, pooled style) pair, for the model and its "
         "text-to-image base: which path into the UNet carries the style",
     )
+    ap.add_argument(
+        "--decide",
+        type=int,
+        default=0,
+        help="also draw this many style prompts with the reference for only the first k sampling steps "
+        "(and the reverse): which steps decide the style",
+    )
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
     args = ap.parse_args(argv)
     n_train = args.n_train if args.n_train is not None else args.count * 5 // 7
@@ -343,11 +392,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .demo import MiniModelError
 
     try:
-        check_probe_numbers(args.count, n_train, args.generate, args.paths)
+        check_probe_numbers(args.count, n_train, args.generate, args.paths, args.decide)
     except ValueError as e:
         ap.error(str(e))
     try:
-        result = run_probe(args.model, args.count, n_train, args.tokens, args.generate, paths=args.paths)
+        result = run_probe(
+            args.model, args.count, n_train, args.tokens, args.generate, paths=args.paths, decide=args.decide
+        )
     except (
         MiniModelError,
         BaseModelError,
@@ -382,6 +433,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 + "".join(
                     f"   ctx {r['drawn_context_style']:.2f} pool {r['drawn_pooled_style']:.2f}" for r in cells
                 )
+            )
+    if result.style_steps:
+        print("  style drawn with the reference for the first k sampling steps only / for all but those:")
+        for r in result.style_steps:
+            print(
+                f"    k={r['k']:3d} (switch at timestep {r['timestep']:4d})   reference first {r['reference_first']:.2f}"
+                f"   text first {r['text_first']:.2f}"
             )
     for name, diff in result.reference_effect.items():
         print(

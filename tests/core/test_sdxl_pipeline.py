@@ -103,6 +103,25 @@ def test_pipeline_images_depend_on_reference_images(pipe, tiny_models):
     assert not np.array_equal(np.asarray(ia), np.asarray(ib))
 
 
+def test_draw_then_switches_conditioning_after_k_steps(pipe, tiny_models):
+    refs = [load_image(p) for p in tiny_models.images]
+    a = pipe.encode([InterleavedPrompt.parse("a <image> thing", refs[:1], tokens_per_image=4)])
+    b = pipe.encode([InterleavedPrompt.parse("a cat")])  # another length: the switch may change it
+    arr = lambda ims: [np.asarray(im) for im in ims]  # noqa: E731
+    for guidance in (3.0, 1.0):  # with and without the classifier-free-guidance batch
+        s = pipe.settings(steps=3, guidance=guidance, batch=2)
+        only_a, only_b = arr(pipe.draw(a, 0, s, False)), arr(pipe.draw(b, 0, s, False))
+        assert all(np.array_equal(x, y) for x, y in zip(arr(pipe.draw(a, 0, s, False, then=(0, b))), only_b))
+        assert all(np.array_equal(x, y) for x, y in zip(arr(pipe.draw(a, 0, s, False, then=(3, b))), only_a))
+        mixed = arr(pipe.draw(a, 0, s, False, then=(1, b)))
+        assert not any(np.array_equal(x, y) for x, y in zip(mixed, only_a))
+        assert not any(np.array_equal(x, y) for x, y in zip(mixed, only_b))
+    with pytest.raises(GenerationError, match="one later conditioning per conditioning"):
+        pipe.draw(a, 0, s, False, then=(1, b + b))
+    with pytest.raises(GenerationError, match="k >= 0"):
+        pipe.draw(a, 0, s, False, then=(-1, b))
+
+
 def test_pipeline_settings_errors(pipe):
     for kwargs, msg in (
         ({"steps": 0}, "steps"),

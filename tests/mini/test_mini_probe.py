@@ -82,6 +82,43 @@ def test_style_path_swap_says_which_path_the_renderer_follows() -> None:
     assert all(r["drawn_context_style"] == 0.5 and r["drawn_pooled_style"] == 0.5 for r in off)
 
 
+class _DecidedAtStep:
+    """A stand-in pipeline whose image takes its style from the conditioning active at sampling step 5 of
+    20: a reference's style, or the wrong one for the text-only prompt."""
+
+    steps = 20
+
+    def __init__(self, styles: np.ndarray) -> None:
+        self.styles = styles
+        self.pipe = type("Pipe", (), {"scheduler": self})()
+
+    def set_timesteps(self, n: int) -> None:
+        self.timesteps = torch.arange(999, 0, -1000 // n)[:n]
+
+    def settings(self, guidance: float) -> object:
+        return type("S", (), {"steps": self.steps, "guidance": guidance})()
+
+    def encode(self, prompts: list) -> list:
+        return [p if isinstance(p, int) else "text" for p in prompts]
+
+    def draw(self, first: list, seed: int, s: object, progress: bool, then: tuple) -> list[int]:
+        k, later = then
+        active = first if k > 5 else later
+        return [
+            int(self.styles[i]) if c != "text" else (int(self.styles[i]) + 1) % 3
+            for i, c in enumerate(active)
+        ]
+
+
+def test_style_steps_finds_the_step_that_decides_the_style() -> None:
+    styles = np.array([0, 1, 2, 0])
+    rows = P.style_steps(_DecidedAtStep(styles), [0, 1, 2, 3], styles, 1.5, _StyleOf())
+    assert [r["k"] for r in rows] == [0, 2, 4, 7, 10, 20]
+    assert [r["reference_first"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    assert [r["text_first"] for r in rows] == [1, 1, 1, 0, 0, 0]
+    assert rows[0]["timestep"] == 999 and rows[-1]["timestep"] == 0
+
+
 @pytest.mark.slow
 def test_shipped_model_conditioning_carries_colour_shape_and_style(tmp_path, one_thread) -> None:
     result = P.run_probe(D.MODEL_DIR, count=300, n_train=200)
@@ -105,6 +142,8 @@ def test_shipped_model_conditioning_carries_colour_shape_and_style(tmp_path, one
         "3",
         "--paths",
         "1",
+        "--decide",
+        "3",
         "--out",
         str(out),
     ]
@@ -127,6 +166,11 @@ def test_shipped_model_conditioning_carries_colour_shape_and_style(tmp_path, one
     # The base draws the style its caption names (check: style 0.97) when context and pooled agree.
     agree = [r for r in paths["base"] if r["context"] == r["pooled"]]
     assert sum(r["drawn_context_style"] for r in agree) >= 2, agree
+    steps = written["style_steps"]
+    assert [r["k"] for r in steps] == [0, 2, 4, 7, 10, 20]
+    # k = 0 and k = all steps are the plain draws: reference first for no step is text only throughout.
+    assert steps[0]["reference_first"] == steps[-1]["text_first"]
+    assert steps[0]["text_first"] == steps[-1]["reference_first"]
     effect = written["reference_effect"]
     assert set(effect) == {"objects", "backgrounds"} and all(0 <= v <= 255 for v in effect.values())
     # Object references change what is drawn (colour 1.00 in the evaluation).

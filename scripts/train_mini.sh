@@ -60,5 +60,13 @@ if [ "$rc" -eq 124 ]; then
   # torchrun's agent prints a SignalException traceback for the TERM it forwarded: expected here.
   echo "the ${MINUTES}-minute limit stopped training; it saved a checkpoint and an export first"
 fi
-echo "{\"export\": \"$latest\", \"wall_s\": $(( $(date +%s) - start )), \"train_status\": $rc, \"processes\": $PROCS, \"config\": \"$CONFIG\", \"t2i\": \"$T2I\", \"vlm\": \"$VLM\"}" > "$RUN/recipe.json"
+# What ran, extra arguments included (a --set override is part of the recipe), for `python -m mumu_core.mini ship`.
+python - "$RUN/recipe.json" "$latest" "$(( $(date +%s) - start ))" "$rc" "$PROCS" "$CONFIG" "$T2I" "$VLM" "$@" <<'PY'
+import json, sys
+
+out, export, wall, status, procs, config, t2i, vlm, *extra = sys.argv[1:]
+record = {"export": export, "wall_s": int(wall), "train_status": int(status), "processes": int(procs),
+          "config": config, "t2i": t2i, "vlm": vlm, "extra_args": extra}
+open(out, "w").write(json.dumps(record) + "\n")
+PY
 echo "done in $(( $(date +%s) - start )) s; latest export: $latest"

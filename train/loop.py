@@ -233,8 +233,9 @@ def training_loss(
     if not cfg.diffusion.snr_gamma:
         return F.mse_loss(pred.float(), target.float())
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
-    d = cfg.diffusion
-    weights = min_snr_weights(sched, t, d.snr_gamma, prediction_type, d.snr_full_high_noise)
+    weights = min_snr_weights(
+        sched, t, cfg.diffusion.snr_gamma, prediction_type, cfg.diffusion.snr_full_high_noise
+    )
     return (per_sample * weights).mean()
 
 

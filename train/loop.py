@@ -223,35 +223,67 @@ def training_loss(
     b = latents.shape[0]
     # All randomness from one CPU generator whose state is checkpointed: a resumed run draws the same.
     noise = torch.randn(latents.shape, generator=gen).to(device)
-    t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen).to(device)
+    d = cfg.diffusion
+    # Per-timestep loss weights (None: plain MSE), on every timestep of the schedule.
+    step_weights = (
+        min_snr_weights(
+            sched,
+            torch.arange(sched.config.num_train_timesteps),
+            d.snr_gamma,
+            prediction_type,
+            d.snr_high_noise_floor,
+        )
+        if d.snr_gamma
+        else None
+    )
+    if step_weights is not None and d.timestep_sampling == "weighted":
+        t = weighted_timesteps(step_weights, b, gen).to(device)
+    else:
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen).to(device)
     drop = (torch.rand(b, generator=gen) < cfg.diffusion.cond_dropout).to(device)
     noisy = sched.add_noise(latents, noise, t)
     target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
     pred = built.model(
         "loss", prompts=batch.prompts, noisy=noisy, timesteps=t, time_ids=batch.time_ids.to(device), drop=drop
     )
-    if not cfg.diffusion.snr_gamma:
+    if step_weights is None:
         return F.mse_loss(pred.float(), target.float())
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
-    weights = min_snr_weights(
-        sched, t, cfg.diffusion.snr_gamma, prediction_type, cfg.diffusion.snr_full_high_noise
-    )
-    return (per_sample * weights).mean()
+    if d.timestep_sampling == "weighted":
+        # Drawn in proportion to the weights: the mean weight makes the expected loss (and so the
+        # gradient's scale, which grad_clip sees) that of uniform timesteps times their weights.
+        return per_sample.mean() * step_weights.mean().to(device)
+    return (per_sample * step_weights.to(device)[t]).mean()
 
 
 def min_snr_weights(
-    sched, t: torch.Tensor, gamma: float, prediction_type: str, full_high_noise: bool = False
+    sched, t: torch.Tensor, gamma: float, prediction_type: str, high_noise_floor: float = 0.0
 ) -> torch.Tensor:
     """Min-SNR-gamma weights of timesteps ``t``: min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v; a
-    zero-terminal-SNR schedule gives weight 0 at SNR 0). ``full_high_noise``: v's weight is
-    min(1, gamma / (SNR + 1)), the same cap at low noise and 1 below it (epsilon's already is)."""
+    zero-terminal-SNR schedule gives weight 0 at SNR 0). ``high_noise_floor`` f lifts v's weight at high
+    noise: max(min-SNR, f * min(1, gamma / (SNR + 1))), the low-noise cap unchanged (f = 1: weight 1 at
+    every SNR up to gamma - 1; epsilon's weight already is 1 there)."""
     alphas = sched.alphas_cumprod.to(t.device)[t].double()
     snr = alphas / (1 - alphas).clamp_min(1e-20)
     if prediction_type == "v_prediction":
-        w = (gamma / (snr + 1)).clamp(max=1) if full_high_noise else snr.clamp(max=gamma) / (snr + 1)
+        w = snr.clamp(max=gamma) / (snr + 1)
+        if high_noise_floor:
+            w = torch.maximum(w, high_noise_floor * (gamma / (snr + 1)).clamp(max=1))
     else:
         w = snr.clamp(max=gamma) / snr.clamp_min(1e-8)
     return w.float()
+
+
+def weighted_timesteps(step_weights: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
+    """``count`` timesteps drawn with probability proportional to ``step_weights`` (one per timestep),
+    stratified: one from each of ``count`` equal slices of the weights' cumulative mass, so a batch
+    covers the weighted range evenly instead of by chance."""
+    cdf = step_weights.double().cumsum(0)
+    cdf = cdf / cdf[-1]
+    u = (
+        torch.arange(count, dtype=torch.float64) + torch.rand(count, generator=gen, dtype=torch.float64)
+    ) / count
+    return torch.searchsorted(cdf, u.clamp(max=1.0)).clamp(max=len(step_weights) - 1)
 
 
 @torch.no_grad()

@@ -273,23 +273,113 @@ def test_min_snr_weights_match_the_formula():
     assert v[0] < 0.01 and 0.3 < v.max() <= 1  # almost-clean steps are down-weighted too
     eps = min_snr_weights(sched, t[:-1], 5.0, "epsilon")
     assert torch.allclose(eps.double(), snr[:-1].clamp(max=5) / snr[:-1], atol=1e-6)
-    # full_high_noise: v keeps the low-noise cap and gets full weight where min-SNR suppresses it.
-    full = min_snr_weights(sched, t, 5.0, "v_prediction", full_high_noise=True)
+    # A high-noise floor of 1: v keeps the low-noise cap and gets full weight where min-SNR suppresses it.
+    full = min_snr_weights(sched, t, 5.0, "v_prediction", high_noise_floor=1.0)
     assert torch.allclose(full.double(), (5 / (snr + 1)).clamp(max=1), atol=1e-6)
     assert full[-1] == 1 and full[-2] == 1 and torch.allclose(full[0], v[0], rtol=1e-3)
-    assert torch.equal(min_snr_weights(sched, t[:-1], 5.0, "epsilon", full_high_noise=True), eps)
+    # A floor in between lifts only the steps min-SNR weights below it.
+    part = min_snr_weights(sched, t, 5.0, "v_prediction", high_noise_floor=0.25)
+    assert torch.allclose(part.double(), torch.maximum(snr.clamp(max=5) / (snr + 1), 0.25 * full.double()))
+    assert part[-1] == 0.25 and torch.equal(part[0], v[0]) and (v <= part).all() and (part <= full).all()
+    assert torch.equal(min_snr_weights(sched, t[:-1], 5.0, "epsilon", high_noise_floor=1.0), eps)
 
 
-def test_snr_full_high_noise_needs_min_snr():
+def test_weighted_timesteps_follow_the_weights_stratified():
+    from train.loop import weighted_timesteps
+
+    weights = torch.zeros(1000)
+    weights[100:200], weights[600:700] = 1.0, 3.0  # a quarter of the mass on 100-199, the rest on 600-699
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([weighted_timesteps(weights, 8, gen) for _ in range(500)])
+    assert draws.shape == (500, 8) and draws.dtype == torch.int64
+    assert ((100 <= draws) & (draws < 200) | (600 <= draws) & (draws < 700)).all()  # never a zero weight
+    # Stratified: every batch of 8 puts exactly 2 draws on the first block and 6 on the second, and in
+    # order, so a batch covers the mass evenly rather than by chance.
+    assert ((draws < 200).sum(1) == 2).all() and (draws.diff(dim=1) >= 0).all()
+    counts = torch.bincount(draws.flatten(), minlength=1000).float()
+    assert counts[100:200].std() / counts[100:200].mean() < 0.3  # uniform within a block
+
+
+def test_weighted_sampling_keeps_the_expected_loss():
+    """Drawn in proportion to the weights and scaled by their mean, the loss has the expectation of
+    uniform timesteps times their weights (what training_loss returns under "weighted")."""
+    from diffusers import DDIMScheduler
+
+    from train.loop import min_snr_weights, weighted_timesteps
+
+    sched = DDIMScheduler(beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True)
+    weights = min_snr_weights(sched, torch.arange(1000), 5.0, "v_prediction", high_noise_floor=0.25)
+    loss_at = 2 + torch.sin(torch.arange(1000) / 90.0)  # any per-timestep loss
+    gen = torch.Generator().manual_seed(0)
+    t = torch.cat([weighted_timesteps(weights, 32, gen) for _ in range(300)])
+    assert (loss_at[t].mean() * weights.mean()).item() == pytest.approx(
+        (weights * loss_at).mean().item(), rel=2e-3
+    )
+
+
+def test_min_snr_options_are_checked():
     from train.config import ConfigError, TrainConfig
 
     cfg = TrainConfig()
     cfg.model.vlm, cfg.model.sdxl, cfg.data.shards = "v", "s", ["d.tar"]
-    cfg.diffusion.snr_full_high_noise = True
-    with pytest.raises(ConfigError, match="snr_full_high_noise needs diffusion.snr_gamma"):
+    cfg.diffusion.snr_high_noise_floor = 0.5
+    cfg.diffusion.timestep_sampling = "weighted"
+    with pytest.raises(ConfigError, match="snr_high_noise_floor needs diffusion.snr_gamma") as e:
         cfg.validate()
+    assert "timestep_sampling=weighted needs diffusion.snr_gamma" in str(e.value)
     cfg.diffusion.snr_gamma = -1
     with pytest.raises(ConfigError, match="snr_gamma=-1 must be >= 0"):
         cfg.validate()
     cfg.diffusion.snr_gamma = 5
+    cfg.diffusion.snr_high_noise_floor = 1.5
+    with pytest.raises(ConfigError, match="snr_high_noise_floor=1.5 must be in"):
+        cfg.validate()
+    cfg.diffusion.snr_high_noise_floor = 0.5
     cfg.validate()
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "weighted"])
+def test_training_loss_weights_each_sample_by_its_timestep(sampling):
+    """training_loss on a stand-in model that predicts 0: each sample's loss is the mean square of its
+    target, weighted by min-SNR (uniform) or drawn in proportion to it and scaled by the mean (weighted)."""
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler
+
+    from mumu_core.pixel_vae import PixelSpaceVAE
+    from train.config import TrainConfig
+    from train.data import Batch
+    from train.loop import min_snr_weights, training_loss
+
+    sched = DDIMScheduler(
+        beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True, prediction_type="v_prediction"
+    )
+    seen = {}
+
+    def model(kind, *, noisy, timesteps, **_):
+        seen["t"] = timesteps
+        return torch.zeros_like(noisy)
+
+    cfg = TrainConfig()
+    cfg.diffusion.snr_gamma, cfg.diffusion.snr_high_noise_floor = 5.0, 0.25
+    cfg.diffusion.timestep_sampling = sampling
+    built = SimpleNamespace(vae=PixelSpaceVAE(), scheduler=sched, model=model)
+    targets = torch.rand(64, 3, 8, 8) * 2 - 1
+    batch = Batch(prompts=[None] * 64, targets=targets, time_ids=torch.zeros(64, 6), position=(0, 0))
+    gen = torch.Generator().manual_seed(0)
+    loss = training_loss(built, batch, torch.device("cpu"), gen, cfg, "v_prediction")
+
+    t = seen["t"]
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(targets.shape, generator=gen)  # the first draw, as in training_loss
+    velocity = sched.get_velocity(targets, noise, t)
+    per_sample = velocity.pow(2).flatten(1).mean(1)
+    weights = min_snr_weights(sched, torch.arange(1000), 5.0, "v_prediction", 0.25)
+    if sampling == "weighted":
+        want = per_sample.mean() * weights.mean()
+        # Stratified over the weights' mass: one draw from each 64th, in order.
+        cdf = (weights.double().cumsum(0) / weights.double().sum())[t]
+        assert (t.diff() >= 0).all() and ((cdf * 64).ceil() >= torch.arange(1, 65)).all()
+    else:
+        want = (per_sample * weights[t]).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)

@@ -224,23 +224,18 @@ def training_loss(
     # All randomness from one CPU generator whose state is checkpointed: a resumed run draws the same.
     noise = torch.randn(latents.shape, generator=gen).to(device)
     d = cfg.diffusion
-    # Per-timestep loss weights (None: plain MSE), on every timestep of the schedule.
-    step_weights = (
-        min_snr_weights(
-            sched,
-            torch.arange(sched.config.num_train_timesteps),
-            d.snr_gamma,
-            prediction_type,
-            d.snr_high_noise_floor,
+    n_steps = sched.config.num_train_timesteps
+    # The loss weight of every timestep of the schedule (None: plain MSE).
+    step_weights = None
+    if d.snr_gamma:
+        step_weights = min_snr_weights(
+            sched, torch.arange(n_steps), d.snr_gamma, prediction_type, d.snr_high_noise_floor
         )
-        if d.snr_gamma
-        else None
-    )
     if step_weights is not None and d.timestep_sampling == "weighted":
         t = weighted_timesteps(step_weights, b, gen).to(device)
     else:
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen).to(device)
-    drop = (torch.rand(b, generator=gen) < cfg.diffusion.cond_dropout).to(device)
+        t = torch.randint(0, n_steps, (b,), generator=gen).to(device)
+    drop = (torch.rand(b, generator=gen) < d.cond_dropout).to(device)
     noisy = sched.add_noise(latents, noise, t)
     target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
     pred = built.model(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,8 +37,19 @@ def torchrun(tiny_models, shards, out: Path, *extra: str, popen: bool = False):
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    text = res.stdout + res.stderr
-    assert res.returncode == 0, text[text.find("Traceback") :][:4000] if "Traceback" in text else text[-4000:]
+    if res.returncode != 0:
+        # Both ranks' output, whole, beside the run: the first rank's traceback alone often shows only the
+        # collective that saw the other rank go (a gloo wait), not why it went.
+        text = res.stdout + res.stderr
+        log = out.parent / f"{out.name}.torchrun.log"
+        log.write_text(text)
+        errors = [line for line in text.splitlines() if re.search(r"Error|Exception|error:|Signal", line)]
+        pytest.fail(
+            f"torchrun exited {res.returncode}; whole log: {log}\nerror lines:\n"
+            + "\n".join(errors[-40:])
+            + "\n--- end of the log ---\n"
+            + text[-3000:]
+        )
     return res
 
 

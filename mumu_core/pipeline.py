@@ -29,7 +29,7 @@ from .conditioning import SDXLConditioning
 from .kv_cache import KVCache, install_kv_cache
 from .presets import Preset, get_preset
 from .prompt import InterleavedPrompt
-from .sdxl import SDXLComponents, load_sdxl
+from .sdxl import SDXLComponents, load_sdxl, sdxl_pipeline_class
 
 MAX_SIDE = 4096
 MAX_BATCH = 64
@@ -59,7 +59,9 @@ class MumuPipeline:
         dtype: torch.dtype = torch.float32,
         kv_cache: bool = True,
     ) -> None:
-        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+        from diffusers import DDIMScheduler
+
+        StableDiffusionXLPipeline = sdxl_pipeline_class()
 
         check_unet_compatible(bundle, dict(components.unet.config))
         self.conditioner = conditioner

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,6 +244,30 @@ def _quiet_diffusers():
         yield
     finally:
         dlog.set_verbosity(level)
+
+
+class _DropTorchvisionFallbackNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+def sdxl_pipeline_class() -> type:
+    """diffusers' ``StableDiffusionXLPipeline`` class, imported without transformers' torchvision notes.
+
+    Importing that module imports ``CLIPImageProcessor`` (its ``feature_extractor``) and, through
+    diffusers' pipeline package, ``SiglipImageProcessor``; without torchvision (this project's venv)
+    transformers then warns that it falls back to their PIL variants. MUMU leaves those slots empty and
+    does its own image preprocessing (mumu_core.encoder), so the notes name nothing that runs: only they
+    are dropped, and only during this import.
+    """
+    note_logger = logging.getLogger("transformers.utils.import_utils")
+    note_filter = _DropTorchvisionFallbackNotes()
+    note_logger.addFilter(note_filter)
+    try:
+        from diffusers import StableDiffusionXLPipeline
+    finally:
+        note_logger.removeFilter(note_filter)
+    return StableDiffusionXLPipeline
 
 
 # -- diffusers -> ldm (writing single files) -------------------------------------------------------

@@ -250,8 +250,9 @@ class SDXLGenerator:
         device: str = "auto",
         dtype: str = "auto",
     ) -> SDXLGenerator:
-        from diffusers import StableDiffusionXLPipeline
+        from ..sdxl import sdxl_pipeline_class
 
+        StableDiffusionXLPipeline = sdxl_pipeline_class()
         check_sdxl_path(path, text_encoders)
         p = Path(path)
         device = resolve_device(device)
@@ -301,11 +302,12 @@ class SDXLGenerator:
 
 def _single_file_pipeline(path: Path, text_dir: Path, preset: str, dtype: torch.dtype):
     """UNet + VAE from the checkpoint (MUMU's offline converter), the text side from ``text_dir``."""
-    from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from ..presets import get_preset
-    from ..sdxl import load_sdxl
+    from ..sdxl import load_sdxl, sdxl_pipeline_class
+
+    StableDiffusionXLPipeline = sdxl_pipeline_class()
 
     comps = load_sdxl(path, get_preset(preset), dtype)
     kw = {"dtype": dtype, "use_safetensors": True, "local_files_only": True}

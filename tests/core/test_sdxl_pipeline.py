@@ -148,3 +148,32 @@ def test_mini_preset_pixel_space(tmp_path):
         InterleavedPrompt.parse("a <image> red ball", [load_image(m.images[0])], 16), steps=2, progress=False
     )
     assert img[0].size == (24, 24)
+
+
+def test_sdxl_pipeline_import_drops_only_the_torchvision_fallback_notes():
+    """Importing diffusers' SDXL pipeline without torchvision makes transformers warn about two image
+    processors MUMU never builds; sdxl_pipeline_class imports it without those notes (fresh processes:
+    the notes are once per process)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: transformers has no fallback to warn about")
+
+    def stderr_of(code: str) -> str:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return res.stderr
+
+    plain = stderr_of("from diffusers import StableDiffusionXLPipeline")
+    assert "requires torchvision (not installed)" in plain  # what the helper is for
+    quiet = stderr_of(
+        "from mumu_core.sdxl import sdxl_pipeline_class\n"
+        "cls = sdxl_pipeline_class()\n"
+        "assert cls.__name__ == 'StableDiffusionXLPipeline', cls\n"
+        "import logging\n"
+        "logging.getLogger('transformers.utils.import_utils').warning('other notes still show')"
+    )
+    assert "requires torchvision" not in quiet
+    assert "other notes still show" in quiet

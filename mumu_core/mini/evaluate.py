@@ -13,6 +13,14 @@ contact sheets (PNG) to a folder. Suites (issue 6, item 4):
 - ``tokens``: single-object fidelity vs tokens per image (Finding 1).
 - ``style``: background style taken from a background-only reference (Finding 3).
 
+Two diagnostics of Finding 2 run only when named in ``--suites`` (not part of the targets):
+
+- ``pair_same_image``: the pair suite's colours and shapes with both crops cut from ONE two-object image,
+  as training's data builds its prompts (is it the crops' different sources that pairs lose to?);
+- ``pair_one_reference``: the pair suite's two-object captions with only the first object referenced, the
+  other a bare word (against ``single``: what drawing two objects costs a reference; against ``pair``:
+  what a second reference costs it).
+
 Chance is what a perfect renderer with uniformly random attributes would score under the same matching
 rules (exact for single/style, Monte Carlo for pair). Cases are balanced over colours, shapes and styles,
 so a generator that ignores the references scores chance in expectation.
@@ -62,11 +70,13 @@ from .world import (
 )
 
 SUITES: tuple[str, ...] = ("single", "pair", "tokens", "style")
+# Run only when named: where a pair loses its shapes (module docstring).
+DIAGNOSTIC_SUITES: tuple[str, ...] = ("pair_same_image", "pair_one_reference")
 # No space between a placeholder and its word ("a <image>shape"): training's data rules insert each crop
 # right before its word, so prompts of this form tokenize exactly like the training prompts.
 PROMPT_SEP = ""
 # Index ranges of the eval split used by each suite, so suites never share a source scene.
-_SUITE_BASE = {"single": 0, "pair": 100_000, "style": 200_000}
+_SUITE_BASE = {"single": 0, "pair": 100_000, "style": 200_000, "pair_same_image": 300_000}
 
 
 @dataclass(frozen=True)
@@ -152,9 +162,9 @@ class EvalConfig:
 
             g = MINI.guidance_scale if g is None else g
             t = MINI.tokens_per_image if t is None else t
-        bad = set(self.suites) - set(SUITES)
+        bad = set(self.suites) - set(SUITES + DIAGNOSTIC_SUITES)
         if bad:
-            raise ValueError(f"unknown suite(s) {sorted(bad)}; choose from {SUITES}")
+            raise ValueError(f"unknown suite(s) {sorted(bad)}; choose from {SUITES + DIAGNOSTIC_SUITES}")
         return replace(self, guidance=float(g), tokens_per_image=int(t))
 
     @property
@@ -206,6 +216,37 @@ def pair_cases(n: int, tokens: int, cfg: WorldConfig = DEFAULT_WORLD, seed: int 
     return cases
 
 
+def pair_same_image_cases(n: int, tokens: int, cfg: WorldConfig = DEFAULT_WORLD, seed: int = 0) -> list[Case]:
+    """The pair suite's colour and shape pairs, both crops cut from one two-object image."""
+    rng = np.random.default_rng([seed, 4])
+    cases = []
+    for i, pair in enumerate(pair_cases(n, tokens, cfg, seed)):
+        colours, shapes = [c for c, _ in pair.objects], [s for _, s in pair.objects]
+        src = scene_at(
+            "eval", _SUITE_BASE["pair_same_image"] + i, cfg, n_objects=2, colours=colours, shapes=shapes
+        )
+        caption, spans, _ = build_caption([_word(rng), _word(rng)], "background")
+        text = interleave(caption, [(spans[0][0], ""), (spans[1][0], "")], sep=PROMPT_SEP)
+        images = (object_crop(src, 0), object_crop(src, 1))
+        prompt = MiniPrompt(text, images, pair.prompt.references, 2, tokens)
+        cases.append(Case("pair_same_image", prompt, objects=pair.objects))
+    return cases
+
+
+def pair_one_reference_cases(
+    n: int, tokens: int, cfg: WorldConfig = DEFAULT_WORLD, seed: int = 0
+) -> list[Case]:
+    """The pair suite's first crop before the first of two object words; the second word has none."""
+    rng = np.random.default_rng([seed, 5])
+    cases = []
+    for pair in pair_cases(n, tokens, cfg, seed):
+        caption, spans, _ = build_caption([_word(rng), _word(rng)], "background")
+        text = interleave(caption, [(spans[0][0], "")], sep=PROMPT_SEP)
+        prompt = MiniPrompt(text, pair.prompt.images[:1], pair.prompt.references[:1], 2, tokens)
+        cases.append(Case("pair_one_reference", prompt, objects=pair.objects[:1]))
+    return cases
+
+
 def style_cases(n: int, tokens: int, cfg: WorldConfig = DEFAULT_WORLD, seed: int = 0) -> list[Case]:
     """A background-only patch as the reference of the word "background"; styles cycle."""
     rng = np.random.default_rng([seed, 3])
@@ -247,6 +288,17 @@ def _pair_score(expected: Sequence[tuple[str, str]], found: Sequence[tuple[str, 
     }
 
 
+def _one_reference_score(expected: tuple[str, str], found: Sequence[tuple[str, str]]) -> dict[str, float]:
+    """The referenced object among the (up to two) found ones: its colour, its colour and shape together,
+    and whether the reference's colour is on both objects (leaked onto the word it was not given to)."""
+    colour, shape = expected
+    return {
+        "colour": float(any(c == colour for c, _ in found)),
+        "both": float(any(c == colour and s == shape for c, s in found)),
+        "colour_on_both": float(len(found) >= 2 and all(c == colour for c, _ in found)),
+    }
+
+
 def score_case(case: Case, analysis: Analysis) -> dict[str, float]:
     dets = analysis.detections
     if case.suite in ("single", "tokens"):
@@ -255,9 +307,12 @@ def score_case(case: Case, analysis: Analysis) -> dict[str, float]:
             return {"found": 0.0, "colour": 0.0, "shape": 0.0, "both": 0.0}
         c, s = dets[0].colour == colour, dets[0].shape == shape
         return {"found": 1.0, "colour": float(c), "shape": float(s), "both": float(c and s)}
-    if case.suite == "pair":
+    if case.suite in ("pair", "pair_same_image"):
         found = [(d.colour, d.shape) for d in dets[:2]]
         return {"found_two": float(len(dets) >= 2), **_pair_score(case.objects, found)}
+    if case.suite == "pair_one_reference":
+        found = [(d.colour, d.shape) for d in dets[:2]]
+        return {"found_two": float(len(dets) >= 2), **_one_reference_score(case.objects[0], found)}
     if case.suite == "style":
         return {"style": float(analysis.style == case.style), "found": float(bool(dets))}
     raise ValueError(f"unknown suite {case.suite!r}")
@@ -282,9 +337,14 @@ def chance(cases: Sequence[Case], draws: int = 200, seed: int = 0) -> dict[str, 
         for _ in range(draws):
             found = [
                 (COLOURS[int(rng.integers(len(COLOURS)))], SHAPES[int(rng.integers(len(SHAPES)))])
-                for _ in case.objects
+                for _ in range(case.prompt.n_objects)
             ]
-            for k, v in _pair_score(case.objects, found).items():
+            score = (
+                _one_reference_score(case.objects[0], found)
+                if suite == "pair_one_reference"
+                else _pair_score(case.objects, found)
+            )
+            for k, v in score.items():
                 acc[k] = acc.get(k, 0.0) + v
     return {k: v / (len(cases) * draws) for k, v in acc.items()}
 
@@ -492,13 +552,19 @@ def run_evaluation(
         cases["pair"] = pair_cases(cfg.n_pair, cfg.tokens_per_image, world, cfg.seed)
     if "style" in cfg.suites:
         cases["style"] = style_cases(cfg.n_style, cfg.tokens_per_image, world, cfg.seed)
+    if "pair_same_image" in cfg.suites:
+        cases["pair_same_image"] = pair_same_image_cases(cfg.n_pair, cfg.tokens_per_image, world, cfg.seed)
+    if "pair_one_reference" in cfg.suites:
+        cases["pair_one_reference"] = pair_one_reference_cases(
+            cfg.n_pair, cfg.tokens_per_image, world, cfg.seed
+        )
 
     report = EvalReport(
         config={**asdict(cfg), "world": asdict(world), "guidances": list(cfg.guidances)},
         analyser={
             "heldout_accuracy": analyser.meta.get("heldout_accuracy"),
             "reference_accuracy": _reference_accuracy(
-                analyser, [c for k in ("single", "pair") for c in cases.get(k, [])]
+                analyser, [c for k in ("single", "pair", "pair_same_image") for c in cases.get(k, [])]
             ),
         },
         chance={k: chance(v, cfg.chance_draws, cfg.seed) for k, v in cases.items()},
@@ -541,7 +607,7 @@ def run_evaluation(
             sheets.setdefault(suite, []).append(col[: cfg.sheet_rows])
 
     for guidance in cfg.guidances:
-        for suite in ("single", "pair", "style"):
+        for suite in ("single", "pair", "style", *DIAGNOSTIC_SUITES):
             if suite in cfg.suites:
                 for condition in ("image", "text_only"):
                     run(suite, cases[suite], guidance, condition, None)
@@ -622,9 +688,9 @@ NOTE_LINES, NOTE_LINE_H = 2, 11
 def _seen(case: Case, analysis: Analysis, score: dict[str, float]) -> Note:
     if case.suite == "style":
         return (f"{analysis.style} bg",), bool(score["style"])
-    n = 2 if case.suite == "pair" else 1
+    n = 1 if case.suite in ("single", "tokens") else 2
     lines = tuple(f"{d.colour} {d.shape}" for d in analysis.detections[:n]) or ("nothing drawn",)
-    return lines, bool(score["both_all"] if case.suite == "pair" else score["both"])
+    return lines, bool(score["both_all"] if "both_all" in score else score["both"])
 
 
 def _tile(im: Image.Image, side: int) -> Image.Image:
@@ -746,7 +812,7 @@ def to_markdown(report: EvalReport) -> str:
             lines.append(
                 f"| {t['name']} | {_fmt(t['value'])} | {t['target']} | {'yes' if t['pass'] else 'NO'} |"
             )
-    for suite in SUITES:
+    for suite in SUITES + DIAGNOSTIC_SUITES:
         rows = [r for r in report.rows if r["suite"] == suite]
         if not rows:
             continue
@@ -876,7 +942,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="run the tokens suite at the demo guidance only (not at every guidance of the sweep)",
     )
-    ap.add_argument("--suites", nargs="*", default=list(SUITES), choices=SUITES)
+    ap.add_argument(
+        "--suites",
+        nargs="*",
+        default=list(SUITES),
+        choices=SUITES + DIAGNOSTIC_SUITES,
+        help=f"default: {' '.join(SUITES)}; the Finding 2 diagnostics {' and '.join(DIAGNOSTIC_SUITES)} run "
+        "only when named (n = --n-pair)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
     args = ap.parse_args(argv)

@@ -138,6 +138,59 @@ def test_pair_scoring_rules() -> None:
     assert not E.tokens_rising([0.5, 0.5])
 
 
+def test_finding2_diagnostics_run_only_when_named_and_score_oracle_one_random_chance(
+    analyser: Analyser, tmp_path
+) -> None:
+    # Not in the default run (the targets' suites only).
+    assert not set(E.DIAGNOSTIC_SUITES) & set(E.EvalConfig().suites)
+    pairs = E.pair_cases(24, 16)
+    same = E.pair_same_image_cases(24, 16)
+    one = E.pair_one_reference_cases(24, 16)
+    for p, s, o in zip(pairs, same, one, strict=True):
+        # The same colour and shape pairs as the pair suite; one-reference keeps its first crop only.
+        assert s.objects == p.objects and o.objects == p.objects[:1]
+        assert s.prompt.text.count("<image>") == 2 and o.prompt.text.count("<image>") == 1
+        assert o.prompt.n_objects == 2 and np.array_equal(o.prompt.images[0], p.prompt.images[0])
+        first, second = o.prompt.text.split(" and ")
+        assert "<image>" in first and "<image>" not in second  # the crop before the first word only
+    # Same-image crops come from one two-object scene: smaller than the single-object scenes' crops.
+    assert np.mean([im.width for c in same for im in c.prompt.images]) < np.mean(
+        [im.width for c in pairs for im in c.prompt.images]
+    )
+    cfg = E.EvalConfig(
+        n_pair=24,
+        guidance=1.5,
+        tokens_per_image=16,
+        guidance_sweep=(),
+        suites=E.DIAGNOSTIC_SUITES,
+        batch_size=24,
+    )
+    report = E.run_evaluation(E.oracle_generator(), tmp_path / "oracle", cfg, analyser)
+    assert report.row(suite="pair_same_image", condition="image")["both_shapes"] >= 0.95
+    row = report.row(suite="pair_one_reference", condition="image")
+    assert row["both"] >= 0.95 and row["found_two"] >= 0.9
+    assert not report.targets  # diagnostics, not targets
+    md = (tmp_path / "oracle" / "results.md").read_text()
+    assert "## pair_same_image" in md and "## pair_one_reference" in md
+    assert (tmp_path / "oracle" / "sheet_pair_one_reference_g1.5.png").is_file()
+    # Chance: a renderer drawing two random objects, one of which may be the referenced one.
+    ch = report.chance["pair_one_reference"]
+    assert ch["colour"] == pytest.approx(1 - (5 / 6) ** 2, abs=0.02)
+    assert ch["both"] == pytest.approx(1 - (23 / 24) ** 2, abs=0.02)
+    assert ch["colour_on_both"] == pytest.approx(1 / 36, abs=0.01)
+    assert E._one_reference_score(("red", "circle"), [("blue", "square"), ("red", "circle")]) == {
+        "colour": 1.0,
+        "both": 1.0,
+        "colour_on_both": 0.0,
+    }
+    leaked = E._one_reference_score(("red", "circle"), [("red", "square"), ("red", "circle")])
+    assert leaked == {"colour": 1.0, "both": 1.0, "colour_on_both": 1.0}
+    alone = E._one_reference_score(("red", "circle"), [("red", "square")])
+    assert alone == {"colour": 1.0, "both": 0.0, "colour_on_both": 0.0}
+    with pytest.raises(ValueError, match="unknown suite"):
+        E.EvalConfig(suites=("pairs",)).resolved()
+
+
 def test_prompts_are_valid_interleaved_prompts() -> None:
     prompt_mod = pytest.importorskip("mumu_core.prompt")
     (case,) = E.pair_cases(1, tokens=16)

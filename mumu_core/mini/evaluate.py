@@ -307,12 +307,11 @@ def score_case(case: Case, analysis: Analysis) -> dict[str, float]:
             return {"found": 0.0, "colour": 0.0, "shape": 0.0, "both": 0.0}
         c, s = dets[0].colour == colour, dets[0].shape == shape
         return {"found": 1.0, "colour": float(c), "shape": float(s), "both": float(c and s)}
-    if case.suite in ("pair", "pair_same_image"):
+    if case.suite in ("pair", *DIAGNOSTIC_SUITES):
         found = [(d.colour, d.shape) for d in dets[:2]]
+        if case.suite == "pair_one_reference":
+            return {"found_two": float(len(dets) >= 2), **_one_reference_score(case.objects[0], found)}
         return {"found_two": float(len(dets) >= 2), **_pair_score(case.objects, found)}
-    if case.suite == "pair_one_reference":
-        found = [(d.colour, d.shape) for d in dets[:2]]
-        return {"found_two": float(len(dets) >= 2), **_one_reference_score(case.objects[0], found)}
     if case.suite == "style":
         return {"style": float(analysis.style == case.style), "found": float(bool(dets))}
     raise ValueError(f"unknown suite {case.suite!r}")

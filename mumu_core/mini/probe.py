@@ -36,6 +36,15 @@ background", no image) after, and the reverse, for k from 0 to all steps. The st
 (a training loss that gives those noise levels little weight teaches the style little).
 
     python -m mumu_core.mini.probe --model mumu_core/mini/weights/model --count 300 --decide 48
+
+``--leak N`` asks which path carries a reference onto an object it was not given to. It draws the
+evaluation's first N ``pair_one_reference`` cases (two object words, a crop before the first only) with
+the cross-attention context and the pooled vector each taken from the prompt with its reference or from
+its text-only version, and scores each as the evaluation does: ``colour_on_both`` (the reference's colour
+on both drawn objects) that stays with the context and goes with the pooled vector, or the reverse,
+names the path that spreads it.
+
+    python -m mumu_core.mini.probe --model mumu_core/mini/weights/model --count 300 --leak 60
 """
 
 from __future__ import annotations
@@ -82,6 +91,9 @@ class ProbeResult:
     # first k sampling steps then text only, and the reverse (timestep: the first step after the switch, 0
     # when k is all of them); empty unless asked
     style_steps: list[dict] = field(default_factory=list)
+    # "context from reference|text + pooled from reference|text" -> the pair_one_reference scores
+    # (found_two, colour, both, colour_on_both) of images drawn so; empty unless asked (``leak``)
+    leak_paths: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 # Fractions of the sampling steps after which ``--decide`` switches the conditioning.
@@ -238,7 +250,39 @@ def style_steps(pipe, prompts: Sequence[InterleavedPrompt], styles: np.ndarray, 
     return rows
 
 
-def check_probe_numbers(count: int, n_train: int, generate: int, paths: int, decide: int = 0) -> None:
+def reference_leak_paths(
+    pipe, n: int, guidance: float, analyser, tokens: int = 16
+) -> dict[str, dict[str, float]]:
+    """For the first ``n`` ``pair_one_reference`` cases of the evaluation, the cases' mean scores when the
+    context and the pooled vector each come from the prompt with its reference or from its text-only
+    version (``pipe``: a :class:`~mumu_core.pipeline.MumuPipeline`; every case keeps its seed)."""
+    from ..conditioning import SDXLConditioning
+    from . import evaluate as E
+
+    cases = E.pair_one_reference_cases(n, tokens)
+    enc = {
+        "reference": pipe.encode([c.prompt.to_interleaved() for c in cases]),
+        "text": pipe.encode([c.prompt.without_images().to_interleaved() for c in cases]),
+    }
+    settings = pipe.settings(guidance=guidance)
+    out: dict[str, dict[str, float]] = {}
+    for context in enc:
+        for pooled in enc:
+            conds = [
+                SDXLConditioning(a.context, b.pooled, a.attention_mask)
+                for a, b in zip(enc[context], enc[pooled], strict=True)
+            ]
+            images = pipe.draw(conds, seed=0, s=settings, progress=False)
+            scores = [E.score_case(c, a) for c, a in zip(cases, analyser.analyse(images), strict=True)]
+            out[f"context {context} + pooled {pooled}"] = {
+                k: float(np.mean([x[k] for x in scores])) for k in scores[0]
+            }
+    return out
+
+
+def check_probe_numbers(
+    count: int, n_train: int, generate: int, paths: int, decide: int = 0, leak: int = 0
+) -> None:
     """ValueError naming the first bad number; run before anything is loaded."""
     if not 0 < n_train < count:
         raise ValueError(f"n_train must be between 0 and count ({count}), got {n_train}")
@@ -248,6 +292,8 @@ def check_probe_numbers(count: int, n_train: int, generate: int, paths: int, dec
         raise ValueError(f"paths must be 0 (off) or the images per style pair, got {paths}")
     if not 0 <= decide <= count:
         raise ValueError(f"decide must be between 0 and count ({count}), got {decide}")
+    if leak < 0:
+        raise ValueError(f"leak must be 0 (off) or the number of one-reference cases, got {leak}")
 
 
 def run_probe(
@@ -259,11 +305,12 @@ def run_probe(
     guidances: Sequence[float] = (1.5, 3.0),
     paths: int = 0,
     decide: int = 0,
+    leak: int = 0,
 ) -> ProbeResult:
     from ..pipeline import MumuPipeline
     from .demo import model_paths
 
-    check_probe_numbers(count, n_train, generate, paths, decide)
+    check_probe_numbers(count, n_train, generate, paths, decide, leak)
     parts = model_paths(model)  # an export (vlm/, sdxl/) or the shipped bundle + bases.json
     t2i = None
     if paths:
@@ -311,7 +358,8 @@ def run_probe(
     effect: dict[str, float] = {}
     style_paths: dict[str, list[dict]] = {}
     steps_rows: list[dict] = []
-    if generate or paths or decide:
+    leak_paths: dict[str, dict[str, float]] = {}
+    if generate or paths or decide or leak:
         from .analyser import Analyser
 
         analyser = Analyser.load()
@@ -339,6 +387,8 @@ def run_probe(
         style_paths["base"] = style_path_swap(_base_path_draw(t2i, paths, guidances[0]), analyser)
     if decide:
         steps_rows = style_steps(pipe, style_prompts[:decide], styles[:decide], guidances[0], analyser)
+    if leak:
+        leak_paths = reference_leak_paths(pipe, leak, guidances[0], analyser, tokens)
     return ProbeResult(
         n_train,
         count - n_train,
@@ -352,6 +402,7 @@ def run_probe(
         confusions,
         style_paths,
         steps_rows,
+        leak_paths,
     )
 
 
@@ -385,6 +436,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also draw this many style prompts with the reference for only the first k sampling steps "
         "(and the reverse): which steps decide the style",
     )
+    ap.add_argument(
+        "--leak",
+        type=int,
+        default=0,
+        help="also draw this many of the evaluation's one-reference pair cases with the context and the "
+        "pooled vector each from the prompt or its text-only version: which path spreads a reference's "
+        "colour onto the other object",
+    )
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
     args = ap.parse_args(argv)
     n_train = args.n_train if args.n_train is not None else args.count * 5 // 7
@@ -392,12 +451,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .demo import MiniModelError
 
     try:
-        check_probe_numbers(args.count, n_train, args.generate, args.paths, args.decide)
+        check_probe_numbers(args.count, n_train, args.generate, args.paths, args.decide, args.leak)
     except ValueError as e:
         ap.error(str(e))
     try:
         result = run_probe(
-            args.model, args.count, n_train, args.tokens, args.generate, paths=args.paths, decide=args.decide
+            args.model,
+            args.count,
+            n_train,
+            args.tokens,
+            args.generate,
+            paths=args.paths,
+            decide=args.decide,
+            leak=args.leak,
         )
     except (
         MiniModelError,
@@ -440,6 +506,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"    k={r['k']:3d} (switch at timestep {r['timestep']:4d})   reference first {r['reference_first']:.2f}"
                 f"   text first {r['text_first']:.2f}"
+            )
+    if result.leak_paths:
+        print(
+            "  one of two objects referenced; context and pooled vector each from the prompt or its text only:"
+        )
+        for name, r in result.leak_paths.items():
+            print(
+                f"    {name:34s} two objects {r['found_two']:.2f}  reference colour {r['colour']:.2f}"
+                f"  colour+shape {r['both']:.2f}  its colour on both {r['colour_on_both']:.2f}"
             )
     for name, diff in result.reference_effect.items():
         print(

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from mumu_core.mini import demo as D
+from mumu_core.mini import evaluate as E
 from mumu_core.mini import probe as P
+from mumu_core.mini.world import COLOURS, SHAPES
 
 
 def test_linear_probe_reads_a_linear_label_and_not_noise() -> None:
@@ -119,6 +121,57 @@ def test_style_steps_finds_the_step_that_decides_the_style() -> None:
     assert rows[0]["timestep"] == 999 and rows[-1]["timestep"] == 0
 
 
+class _LeakThroughContext:
+    """A fake pipeline: an encoding's context says whether it had the reference (1) or not (0); images
+    drawn from a reference context show that reference's colour on both objects, others two colours
+    (the analyser below reads the colours from the cases)."""
+
+    def encode(self, prompts: list) -> list:
+        from mumu_core.conditioning import SDXLConditioning
+
+        flag = float(bool(prompts[0].images))
+        return [
+            SDXLConditioning(
+                torch.full((1, 2, 1), flag), torch.zeros(1, 1), torch.ones(1, 2, dtype=torch.bool)
+            )
+        ] * len(prompts)
+
+    def settings(self, guidance: float) -> float:
+        return guidance
+
+    def draw(self, conds: list, seed: int, s: float, progress: bool) -> list[bool]:
+        return [bool(c.context.max() > 0) for c in conds]
+
+
+class _LeakAnalyser:
+    def analyse(self, images: list[bool]) -> list:
+        from mumu_core.mini.analyser import Analysis, Detection
+
+        out = []
+        for i, leaked in enumerate(images):
+            cases = E.pair_one_reference_cases(len(images), 16)
+            colour = cases[i].objects[0][0]
+            other = colour if leaked else next(c for c in COLOURS if c != colour)
+            dets = tuple(
+                Detection(None, 10, np.eye(len(COLOURS))[COLOURS.index(c)], np.eye(len(SHAPES))[0])
+                for c in (colour, other)
+            )
+            out.append(Analysis(dets, np.ones(3) / 3))
+        return out
+
+
+def test_reference_leak_paths_names_the_path_that_spreads_a_reference() -> None:
+    rows = P.reference_leak_paths(_LeakThroughContext(), 4, 1.5, _LeakAnalyser())
+    assert set(rows) == {
+        f"context {c} + pooled {p}" for c in ("reference", "text") for p in ("reference", "text")
+    }
+    for name, r in rows.items():
+        assert r["found_two"] == 1.0 and r["colour"] == 1.0
+        assert r["colour_on_both"] == (1.0 if name.startswith("context reference") else 0.0), (name, r)
+    with pytest.raises(ValueError, match="leak"):
+        P.check_probe_numbers(10, 5, 0, 0, 0, leak=-1)
+
+
 @pytest.mark.slow
 def test_shipped_model_conditioning_carries_colour_shape_and_style(tmp_path, one_thread) -> None:
     result = P.run_probe(D.MODEL_DIR, count=300, n_train=200)
@@ -144,6 +197,8 @@ def test_shipped_model_conditioning_carries_colour_shape_and_style(tmp_path, one
         "1",
         "--decide",
         "3",
+        "--leak",
+        "2",
         "--out",
         str(out),
     ]
@@ -171,6 +226,14 @@ def test_shipped_model_conditioning_carries_colour_shape_and_style(tmp_path, one
     # k = 0 and k = all steps are the plain draws: reference first for no step is text only throughout.
     assert steps[0]["reference_first"] == steps[-1]["text_first"]
     assert steps[0]["text_first"] == steps[-1]["reference_first"]
+    leak = written["leak_paths"]
+    assert len(leak) == 4 and all(
+        set(r) == {"found_two", "colour", "both", "colour_on_both"} for r in leak.values()
+    )
+    # The reference's colour is drawn only where the context has the reference (colour 1.00 in evaluation).
+    assert (
+        leak["context reference + pooled reference"]["colour"] >= leak["context text + pooled text"]["colour"]
+    )
     effect = written["reference_effect"]
     assert set(effect) == {"objects", "backgrounds"} and all(0 <= v <= 255 for v in effect.values())
     # Object references change what is drawn (colour 1.00 in the evaluation).

@@ -30,7 +30,7 @@ import os
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,17 @@ from ..bundle import apply_umask_tree
 from ..cli_help import plain
 from ..conditioning import add_time_ids
 from ..presets import MINI
-from .world import COLOURS, SHAPES, STYLES, TEMPLATES, Scene, render_batch, scene_at
+from .world import (
+    COLOURS,
+    DEFAULT_WORLD,
+    SHAPES,
+    STYLES,
+    TEMPLATES,
+    Scene,
+    WorldError,
+    render_batch,
+    scene_at,
+)
 
 # The UNet of the text-to-image base. Wider than the first mini model's 32/64/64 (1.7M parameters),
 # which learned colour from named captions within minutes but never drew the named shape (issue 11).
@@ -275,10 +285,15 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
-def batch_at(step: int, batch_size: int, seed: int, style: str | None) -> tuple[np.ndarray, list[str]]:
-    """The training batch of ``step``: train-split scenes, deterministic (resume is exact)."""
+def batch_at(
+    step: int, batch_size: int, seed: int, style: str | None, p_two_objects: float | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """The training batch of ``step``: train-split scenes, deterministic (resume is exact).
+
+    ``p_two_objects`` overrides the world's share of two-object scenes (None: the world's own)."""
     base = (seed * 1_000_003 + step) * batch_size
-    scenes = [scene_at("train", base + i) for i in range(batch_size)]
+    world = DEFAULT_WORLD if p_two_objects is None else replace(DEFAULT_WORLD, p_two_objects=p_two_objects)
+    scenes = [scene_at("train", base + i, world) for i in range(batch_size)]
     return apply_style(render_batch(scenes), style), [base_caption(s) for s in scenes]
 
 
@@ -304,6 +319,9 @@ class T2ITrainConfig:
     seed: int = 0
     style: str | None = None  # None: the base; "framed": the fine-tune
     init: Path | None = None  # start from this base folder (the fine-tune)
+    # Share of two-object scenes (None: the world's 0.5); more of them is a lever on binding two named
+    # objects, the ceiling of MUMU's two-reference prompts.
+    p_two_objects: float | None = None
     train_text_encoder: bool = True
     log_every: int = 50
     extra: dict = field(default_factory=dict)
@@ -440,7 +458,7 @@ def train_t2i(cfg: T2ITrainConfig, log=print) -> Path:
     try:
         bar = tqdm(total=cfg.max_steps, initial=step, desc="base-t2i" if not cfg.style else "finetune")
         while step < cfg.max_steps:
-            images, captions = batch_at(step, cfg.batch_size, cfg.seed, cfg.style)
+            images, captions = batch_at(step, cfg.batch_size, cfg.seed, cfg.style, cfg.p_two_objects)
             g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
             drop = torch.rand(len(captions), generator=g) < cfg.cond_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
@@ -713,6 +731,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 help="min-SNR-gamma loss weighting (e.g. 5); off by default",
             )
             t.add_argument("--warmup-steps", type=int, default=200)
+            t.add_argument(
+                "--p-two-objects",
+                type=float,
+                default=None,
+                help="share of two-object scenes in the batches (default: the world's 0.5)",
+            )
     ini = sub.add_parser(
         "init",
         help="write an untrained (random-init) base folder of the same architecture: the from-scratch "
@@ -748,7 +772,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 checkpoint_every=250 if args.cmd == "train" else 100,
             )
             if args.cmd == "train":
-                cfg.init, cfg.min_snr_gamma = args.init, args.min_snr
+                cfg.init, cfg.min_snr_gamma, cfg.p_two_objects = args.init, args.min_snr, args.p_two_objects
+                if cfg.p_two_objects is not None:  # a bad share fails here, before anything is written
+                    replace(DEFAULT_WORLD, p_two_objects=cfg.p_two_objects)
                 if cfg.init is not None:
                     load_t2i(cfg.init)  # a bad --init fails here, before anything is written
             if args.cmd == "finetune":
@@ -787,6 +813,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             ]
             print(f"sheet: {sample_sheet(samples, caps, args.out / 'check_sheet.png')}")
         return 0
-    except BaseModelError as e:
+    except (BaseModelError, WorldError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -70,6 +70,9 @@ class WorldConfig:
             raise WorldError(
                 f"need 4 <= min_size <= max_size <= canvas, got {self.min_size}, {self.max_size}, {self.canvas}"
             )
+        for name in ("p_two_objects", "p_style_word"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise WorldError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
         for colour, shape in self.heldout_pairs:
             _check_colour(colour)
             _check_shape(shape)

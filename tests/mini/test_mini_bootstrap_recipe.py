@@ -90,11 +90,13 @@ def test_train_continues_from_a_base_folder_with_min_snr(tmp_path: Path, one_thr
     )
     args = ["base-t2i", "train", "--init", str(base), "--out", str(tmp_path / "more"), "--max-steps", "1"]
     args += ["--batch-size", "2", "--min-snr", "5", "--seed", "1", "--warmup-steps", "1"]
+    args += ["--p-two-objects", "1"]
     from mumu_core.mini.__main__ import main
 
     assert main(args) == 0
     hist = json.loads((tmp_path / "more" / "train.json").read_text())
     assert hist["config"]["init"] == str(base) and hist["config"]["min_snr_gamma"] == 5.0
+    assert hist["config"]["p_two_objects"] == 1.0
     b, m = T.load_t2i(base), T.load_t2i(tmp_path / "more" / "model")
     assert any(
         not torch.equal(p, q)
@@ -103,6 +105,19 @@ def test_train_continues_from_a_base_folder_with_min_snr(tmp_path: Path, one_thr
     # A missing --init folder fails before anything is written.
     bad = ["base-t2i", "train", "--init", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]
     assert main(bad) == 2 and not (tmp_path / "x").exists()
+    # So does a share of two-object scenes that is not a probability.
+    bad = ["base-t2i", "train", "--p-two-objects", "1.5", "--out", str(tmp_path / "x")]
+    assert main(bad) == 2 and not (tmp_path / "x").exists()
+
+
+def test_batch_share_of_two_object_scenes() -> None:
+    def objects(p: float | None) -> list[int]:
+        _, captions = T.batch_at(3, 16, 0, None, p)
+        return [c.count(" and ") + 1 for c in captions]
+
+    assert objects(1.0) == [2] * 16 and objects(0.0) == [1] * 16
+    assert set(objects(None)) == {1, 2}  # the world's own 0.5
+    assert T.batch_at(3, 4, 0, None)[1] == T.batch_at(3, 4, 0, None, None)[1]
 
 
 def test_finetune_starts_from_the_base_and_freezes_clip(tmp_path: Path, one_thread) -> None:

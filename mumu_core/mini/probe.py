@@ -42,7 +42,9 @@ evaluation's first N ``pair_one_reference`` cases (two object words, a crop befo
 the cross-attention context and the pooled vector each taken from the prompt with its reference or from
 its text-only version, and scores each as the evaluation does: ``colour_on_both`` (the reference's colour
 on both drawn objects) that stays with the context and goes with the pooled vector, or the reverse,
-names the path that spreads it.
+names the path that spreads it. Two more rows keep only the image's tokens, or only the words, of the
+reference prompt's context: whether the UNet reads the reference from the image tokens wherever it
+draws, or from words that absorbed the image in the encoder.
 
     python -m mumu_core.mini.probe --model mumu_core/mini/weights/model --count 300 --leak 60
 """
@@ -250,33 +252,52 @@ def style_steps(pipe, prompts: Sequence[InterleavedPrompt], styles: np.ndarray, 
     return rows
 
 
+def _image_block(encoder, prompt: InterleavedPrompt) -> slice:
+    """Positions of a one-image prompt's image in the encoded sequence: its opening marker, its tokens and
+    its closing marker (the connector's context has one row per token)."""
+    ids = encoder.tokenize(prompt)
+    marks = [i for i, t in enumerate(ids) if t == encoder.fake_token_id]
+    return slice(marks[0], marks[-1] + 1)
+
+
 def reference_leak_paths(
     pipe, n: int, guidance: float, analyser, tokens: int = 16
 ) -> dict[str, dict[str, float]]:
     """For the first ``n`` ``pair_one_reference`` cases of the evaluation, the cases' mean scores when the
     context and the pooled vector each come from the prompt with its reference or from its text-only
-    version (``pipe``: a :class:`~mumu_core.pipeline.MumuPipeline`; every case keeps its seed)."""
+    version, and when the reference prompt's context keeps only its image's tokens or only its words
+    (the other rows deleted; pooled from the text-only prompt). ``pipe``: a
+    :class:`~mumu_core.pipeline.MumuPipeline`; every case keeps its seed."""
     from ..conditioning import SDXLConditioning
     from . import evaluate as E
 
     cases = E.pair_one_reference_cases(n, tokens)
+    prompts = [c.prompt.to_interleaved() for c in cases]
     enc = {
-        "reference": pipe.encode([c.prompt.to_interleaved() for c in cases]),
+        "reference": pipe.encode(prompts),
         "text": pipe.encode([c.prompt.without_images().to_interleaved() for c in cases]),
     }
-    settings = pipe.settings(guidance=guidance)
-    out: dict[str, dict[str, float]] = {}
+    conditions: dict[str, list[SDXLConditioning]] = {}
     for context in enc:
         for pooled in enc:
-            conds = [
+            conditions[f"context {context} + pooled {pooled}"] = [
                 SDXLConditioning(a.context, b.pooled, a.attention_mask)
                 for a, b in zip(enc[context], enc[pooled], strict=True)
             ]
-            images = pipe.draw(conds, seed=0, s=settings, progress=False)
-            scores = [E.score_case(c, a) for c, a in zip(cases, analyser.analyse(images), strict=True)]
-            out[f"context {context} + pooled {pooled}"] = {
-                k: float(np.mean([x[k] for x in scores])) for k in scores[0]
-            }
+    image_only, words_only = [], []
+    for p, a, b in zip(prompts, enc["reference"], enc["text"], strict=True):
+        keep = torch.zeros(a.context.shape[1], dtype=torch.bool)
+        keep[_image_block(pipe.conditioner.encoder, p)] = True
+        image_only.append(SDXLConditioning(a.context[:, keep], b.pooled, a.attention_mask[:, keep]))
+        words_only.append(SDXLConditioning(a.context[:, ~keep], b.pooled, a.attention_mask[:, ~keep]))
+    conditions["context reference, image tokens only + pooled text"] = image_only
+    conditions["context reference, words only + pooled text"] = words_only
+    settings = pipe.settings(guidance=guidance)
+    out: dict[str, dict[str, float]] = {}
+    for name, conds in conditions.items():
+        images = pipe.draw(conds, seed=0, s=settings, progress=False)
+        scores = [E.score_case(c, a) for c, a in zip(cases, analyser.analyse(images), strict=True)]
+        out[name] = {k: float(np.mean([x[k] for x in scores])) for k in scores[0]}
     return out
 
 
@@ -513,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for name, r in result.leak_paths.items():
             print(
-                f"    {name:34s} two objects {r['found_two']:.2f}  reference colour {r['colour']:.2f}"
+                f"    {name:51s} two objects {r['found_two']:.2f}  reference colour {r['colour']:.2f}"
                 f"  colour+shape {r['both']:.2f}  its colour on both {r['colour_on_both']:.2f}"
             )
     for name, diff in result.reference_effect.items():

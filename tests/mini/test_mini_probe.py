@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -121,26 +122,40 @@ def test_style_steps_finds_the_step_that_decides_the_style() -> None:
     assert rows[0]["timestep"] == 999 and rows[-1]["timestep"] == 0
 
 
-class _LeakThroughContext:
-    """A fake pipeline: an encoding's context says whether it had the reference (1) or not (0); images
-    drawn from a reference context show that reference's colour on both objects, others two colours
-    (the analyser below reads the colours from the cases)."""
+class _FakeTokens:
+    """Token ids of a prompt: a word, then (with an image) marker 9, two image tokens, marker 9, a word."""
+
+    fake_token_id = 9
+
+    def tokenize(self, prompt) -> list[int]:
+        return [0, 9, 1, 1, 9, 0] if prompt.images else [0, 0]
+
+
+class _LeakThroughImageTokens:
+    """A fake pipeline whose UNet reads a reference from its image tokens wherever it draws: the context
+    is 1 at the image's rows and 0 at the words; images drawn from a context with any 1 show the
+    reference's colour on both objects, others two colours (the analyser below reads them from the cases)."""
+
+    def __init__(self) -> None:
+        self.conditioner = SimpleNamespace(encoder=_FakeTokens())
 
     def encode(self, prompts: list) -> list:
         from mumu_core.conditioning import SDXLConditioning
 
-        flag = float(bool(prompts[0].images))
-        return [
-            SDXLConditioning(
-                torch.full((1, 2, 1), flag), torch.zeros(1, 1), torch.ones(1, 2, dtype=torch.bool)
+        out = []
+        for p in prompts:
+            ids = self.conditioner.encoder.tokenize(p)
+            context = torch.tensor([float(t != 0) for t in ids]).reshape(1, -1, 1)
+            out.append(
+                SDXLConditioning(context, torch.zeros(1, 1), torch.ones(1, len(ids), dtype=torch.bool))
             )
-        ] * len(prompts)
+        return out
 
     def settings(self, guidance: float) -> float:
         return guidance
 
     def draw(self, conds: list, seed: int, s: float, progress: bool) -> list[bool]:
-        return [bool(c.context.max() > 0) for c in conds]
+        return [bool(c.context.numel() and c.context.max() > 0) for c in conds]
 
 
 class _LeakAnalyser:
@@ -161,13 +176,14 @@ class _LeakAnalyser:
 
 
 def test_reference_leak_paths_names_the_path_that_spreads_a_reference() -> None:
-    rows = P.reference_leak_paths(_LeakThroughContext(), 4, 1.5, _LeakAnalyser())
-    assert set(rows) == {
-        f"context {c} + pooled {p}" for c in ("reference", "text") for p in ("reference", "text")
-    }
+    rows = P.reference_leak_paths(_LeakThroughImageTokens(), 4, 1.5, _LeakAnalyser())
+    swaps = {f"context {c} + pooled {p}" for c in ("reference", "text") for p in ("reference", "text")}
+    parts = {f"context reference, {k} only + pooled text" for k in ("image tokens", "words")}
+    assert set(rows) == swaps | parts
     for name, r in rows.items():
         assert r["found_two"] == 1.0 and r["colour"] == 1.0
-        assert r["colour_on_both"] == (1.0 if name.startswith("context reference") else 0.0), (name, r)
+        leaks = name.startswith("context reference") and "words only" not in name
+        assert r["colour_on_both"] == float(leaks), (name, r)
     with pytest.raises(ValueError, match="leak"):
         P.check_probe_numbers(10, 5, 0, 0, 0, leak=-1)
 
@@ -227,7 +243,7 @@ def test_shipped_model_conditioning_carries_colour_shape_and_style(tmp_path, one
     assert steps[0]["reference_first"] == steps[-1]["text_first"]
     assert steps[0]["text_first"] == steps[-1]["reference_first"]
     leak = written["leak_paths"]
-    assert len(leak) == 4 and all(
+    assert len(leak) == 6 and all(
         set(r) == {"found_two", "colour", "both", "colour_on_both"} for r in leak.values()
     )
     # The reference's colour is drawn only where the context has the reference (colour 1.00 in evaluation).
